@@ -1,0 +1,106 @@
+"""Which implementation of an op runs: backend availability, preference order, and forcing.
+
+Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU tensors) > reference.
+Force one with the environment variable CMFAST_BACKEND=<name> or `with cmfast.use_backend(name):`
+(the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
+and benchmarks measure what they name. Triton runs on CPU tensors only when forced and TRITON_INTERPRET=1
+was set before triton was first imported (its CPU interpreter, for tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+
+import torch
+
+from ._extension import status as extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("cmfast_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run every cmfast op inside the block on backend `name` (an error where it cannot run)."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced() -> str | None:
+    """The backend forced by use_backend() or CMFAST_BACKEND, else None."""
+    name = _forced.get() or os.environ.get("CMFAST_BACKEND") or None
+    return _check_name(name) if name else None
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """(importable, why not). Cached: triton is probed once per process."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install must not break cmfast
+        return False, f"triton failed to import ({e})"
+    return True, ""
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether `backend` can run an op on tensors of `device`, and why not."""
+    is_cuda = device.type == "cuda"
+    if backend == "reference":
+        return True, "pure PyTorch, runs everywhere"
+    if backend == "cuda":
+        if not is_cuda:
+            return False, f"CUDA kernels need CUDA tensors, not {device.type}"
+        if not extension.cuda:
+            return False, extension.reason or "cmfast._C was built without its CUDA part"
+        return True, "cmfast._C CUDA kernels"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return False, f"CPU kernels need CPU tensors, not {device.type}"
+        if not extension.cpu:
+            return False, extension.reason
+        return True, "cmfast._C CPU kernels"
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            return False, why
+        if is_cuda:
+            return True, "Triton kernels on the GPU"
+        if device.type == "cpu" and triton_interpreter():
+            return True, "Triton CPU interpreter (TRITON_INTERPRET=1), only when forced"
+        return False, f"Triton needs a GPU for {device.type} tensors (or TRITON_INTERPRET=1 and forcing)"
+    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def choose(device: torch.device) -> str:
+    """The backend an op runs on for tensors on `device`."""
+    name = forced()
+    if name is not None:
+        ok, why = availability(name, device)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} was forced but cannot run on {device}: {why}")
+        return name
+    for name in BACKENDS:
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests; never chosen unasked
+        if availability(name, device)[0]:
+            return name
+    return "reference"

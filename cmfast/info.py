@@ -1,0 +1,62 @@
+"""What this install can do: versions, the compiled extension's parts, and the backend each op uses."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, backends
+from ._extension import status as extension
+
+OPS = ("consistency_epilogue", "consistency_prologue")
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    return devices
+
+
+def report() -> str:
+    lines = [
+        f"cmfast {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} "
+        f"(CUDA build: {torch.version.cuda or 'no'}), {torch.get_num_threads()} CPU threads",
+    ]
+    ok, why = backends.triton_status()
+    if ok:
+        import triton
+
+        mode = ", CPU interpreter on (TRITON_INTERPRET=1)" if backends.triton_interpreter() else ""
+        lines.append(f"triton {triton.__version__}{mode}")
+    else:
+        lines.append(f"triton: off ({why})")
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("GPU: none visible to torch")
+    if extension.loaded:
+        info = extension.build_info
+        cuda = f"yes (CUDA runtime {info['cuda_runtime']}, archs {info['cuda_arch_list']})" if extension.cuda else "no"
+        lines.append(f"cmfast._C: loaded; CPU part: yes ({info['cpu_flags']} flags); CUDA part: {cuda}")
+    else:
+        lines.append(f"cmfast._C: off ({extension.reason})")
+    forced = backends.forced()
+    if forced:
+        lines.append(f"forced backend: {forced}")
+    lines.append("backends (preference: " + " > ".join(backends.BACKENDS) + "):")
+    for device in _devices():
+        try:
+            chosen = backends.choose(device)
+            why = backends.availability(chosen, device)[1]
+        except RuntimeError as e:
+            chosen, why = "none", str(e)
+        for op in OPS:
+            lines.append(f"  {op:<22} on {str(device):<7}-> {chosen}: {why}")
+        for name in backends.BACKENDS:
+            if name != chosen:
+                ok, reason = backends.availability(name, device)
+                lines.append(f"    {name:<10} {'available' if ok else 'off'}: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Helpers every op module shares: input validation with messages that name the argument, the layout rule
+of the kernels (dense, batch outermost), and backend dispatch."""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def f32(v: float) -> float:
+    """v rounded to the nearest float32, so Python-side constants equal the kernels' fp32 ones."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, min_dim: int = 0) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {allowed}, got {str(t.dtype).removeprefix('torch.')}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same_device(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
+
+
+def per_sample(name: str, value, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample float tensor of shape (batch,): a number or 0-dim tensor is broadcast over the batch."""
+    batch = x.shape[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((batch,), float(value), dtype=torch.float32, device=x.device)
+    check_tensor(name, value, dtypes=None)
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {str(value.dtype).removeprefix('torch.')}")
+    check_same_device(name, value, "x", x)
+    if value.dim() == 0:
+        return value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one value per sample of x), got {tuple(value.shape)}")
+    return value
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Its elements fill a block of memory exactly once, in some order of the dimensions."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def is_flat(t: torch.Tensor) -> bool:
+    """Dense with the batch dimension outermost: the kernels can treat it as a flat [batch, n] array."""
+    if not is_dense(t):
+        return False
+    return t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """The output buffer of an elementwise op: x's layout when the kernels can use it, else contiguous."""
+    if is_flat(x):
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t with exactly the strides of `like` (a copy only when they differ)."""
+    if t.stride() == like.stride() and t.dtype == like.dtype:
+        return t
+    return torch.empty_like(like).copy_(t)

@@ -1,0 +1,171 @@
+"""The `consistency` op: the consistency model's preconditioning around the raw network (SPEC.md section 3).
+
+  prologue:  x_in = c_in(sigma) * x,  t_in = 250 * ln(sigma)          (what the U-Net is called with)
+  epilogue:  out  = c_skip(sigma) * x + c_out(sigma) * model_output   (optionally clamped to [-1, 1])
+
+sigma is per sample (shape (batch,)). kind="consistency" uses the scalings with the sigma_min shift, so that
+f(x, sigma_min) = x exactly; kind="edm" the EDM teacher's unshifted ones. Arithmetic is fp32 whatever the
+storage dtype; the output has x's dtype and (when dense, batch outermost) x's memory layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import backends
+from ._common import (
+    check_same_device,
+    check_tensor,
+    f32,
+    laid_out_like,
+    output_like,
+    per_sample,
+)
+
+KINDS = ("consistency", "edm")
+
+
+# ---- pure-PyTorch reference: the ground truth of the tests -------------------------------------------------
+
+
+def consistency_scalings(sigma: torch.Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """(c_skip, c_out, c_in) in fp32, in the kernels' operation order. sigma_min=0 gives the EDM scalings."""
+    s = sigma.to(torch.float32)
+    sd = f32(sigma_data)
+    sd2 = f32(sd * sd)
+    d = s - f32(sigma_min)
+    r = torch.sqrt(s * s + sd2)
+    return sd2 / (d * d + sd2), d * sd / r, 1.0 / r
+
+
+def time_input(sigma: torch.Tensor) -> torch.Tensor:
+    """The network's time input 1000 * 0.25 * ln(sigma + 1e-44), fp32."""
+    return 250.0 * torch.log(sigma.to(torch.float32) + 1e-44)
+
+
+def _per_sample_view(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
+
+
+def reference_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, out):
+    c_skip, c_out, _ = consistency_scalings(sigma, sigma_data, sigma_min)
+    v = _per_sample_view(c_skip, x) * x.float() + _per_sample_view(c_out, x) * model_output.float()
+    out.copy_(v.clamp(-1.0, 1.0) if clamp else v)
+
+
+def reference_prologue(x, sigma, sigma_data, out, t_in):
+    c_in = consistency_scalings(sigma, sigma_data, 0.0)[2]
+    out.copy_(_per_sample_view(c_in, x) * x.float())
+    t_in.copy_(time_input(sigma))
+
+
+# ---- backends: each fills `out` (and `t_in`) from flat, identically laid-out inputs --------------------------
+
+
+def _epilogue_impl(backend: str):
+    if backend == "reference":
+        return reference_epilogue
+    if backend == "triton":
+        from ..triton.consistency import consistency_epilogue
+
+        return consistency_epilogue
+    return torch.ops.cmfast_C.consistency_epilogue  # "cpu" and "cuda": the dispatcher picks the kernel
+
+
+def _prologue_impl(backend: str):
+    if backend == "reference":
+        return reference_prologue
+    if backend == "triton":
+        from ..triton.consistency import consistency_prologue
+
+        return consistency_prologue
+    return torch.ops.cmfast_C.consistency_prologue
+
+
+# ---- the registered ops (torch.ops.cmfast.*): what torch.compile and CUDA graphs see -----------------------
+
+
+@torch.library.custom_op("cmfast::consistency_epilogue", mutates_args=())
+def _epilogue_op(
+    x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, sigma_data: float, sigma_min: float, clamp: bool
+) -> torch.Tensor:
+    out = output_like(x)
+    x = laid_out_like(x, out)
+    model_output = laid_out_like(model_output, out)
+    sigma = sigma.to(torch.float32).contiguous()
+    _epilogue_impl(backends.choose(x.device))(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
+    return out
+
+
+@_epilogue_op.register_fake
+def _(x, model_output, sigma, sigma_data, sigma_min, clamp):
+    return output_like(x)
+
+
+@torch.library.custom_op("cmfast::consistency_prologue", mutates_args=())
+def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = output_like(x)
+    x = laid_out_like(x, out)
+    sigma = sigma.to(torch.float32).contiguous()
+    t_in = torch.empty(sigma.shape, dtype=torch.float32, device=x.device)
+    _prologue_impl(backends.choose(x.device))(x, sigma, sigma_data, out, t_in)
+    return out, t_in
+
+
+@_prologue_op.register_fake
+def _(x, sigma, sigma_data):
+    return output_like(x), x.new_empty(sigma.shape, dtype=torch.float32)
+
+
+# ---- public functions: validation, then the op ---------------------------------------------------------------
+
+
+def _check_constants(sigma_data: float, sigma_min: float | None = None) -> None:
+    if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+        raise ValueError(f"sigma_data: expected a positive number, got {sigma_data!r}")
+    if sigma_min is not None and not (isinstance(sigma_min, (int, float)) and 0 <= sigma_min < float("inf")):
+        raise ValueError(f"sigma_min: expected a finite number >= 0, got {sigma_min!r}")
+
+
+def consistency_epilogue(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    sigma,
+    *,
+    sigma_data: float = 0.5,
+    sigma_min: float = 0.002,
+    kind: str = "consistency",
+    clamp: bool = False,
+) -> torch.Tensor:
+    """c_skip(sigma) * x + c_out(sigma) * model_output, clamped to [-1, 1] if `clamp`.
+
+    x: (batch, ...) float32/float16/bfloat16; model_output: x's shape (cast to x's dtype if it differs);
+    sigma: (batch,) floating tensor, or one number for the whole batch.
+    """
+    check_tensor("x", x, min_dim=1)
+    check_tensor("model_output", model_output)
+    check_same_device("model_output", model_output, "x", x)
+    if model_output.shape != x.shape:
+        raise ValueError(f"model_output: expected the shape of x {tuple(x.shape)}, got {tuple(model_output.shape)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    _check_constants(sigma_data, sigma_min)
+    sigma = per_sample("sigma", sigma, x)
+    shift = float(sigma_min) if kind == "consistency" else 0.0
+    return torch.ops.cmfast.consistency_epilogue(x, model_output, sigma, float(sigma_data), shift, bool(clamp))
+
+
+def consistency_prologue(x: torch.Tensor, sigma, *, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_in(sigma) * x, 250 * ln(sigma)): the network's input and its time input (fp32, shape (batch,))."""
+    check_tensor("x", x, min_dim=1)
+    _check_constants(sigma_data)
+    sigma = per_sample("sigma", sigma, x)
+    return torch.ops.cmfast.consistency_prologue(x, sigma, float(sigma_data))
+
+
+__all__ = [
+    "consistency_epilogue",
+    "consistency_prologue",
+    "consistency_scalings",
+    "time_input",
+]

@@ -1,0 +1,30 @@
+// The Python module cmfast._C. Its tensor ops register themselves with the torch dispatcher
+// (TORCH_LIBRARY in each csrc/<op>.cpp); this file only tells Python how the library was built.
+#include <pybind11/pybind11.h>
+
+#ifdef CMFAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#define CMFAST_STR2(x) #x
+#define CMFAST_STR(x) CMFAST_STR2(x)
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cmfast compiled kernels (CPU, and CUDA when built with it)";
+  m.def("build_info", [] {
+    py::dict info;
+    info["source_hash"] = CMFAST_STR(CMFAST_SOURCE_HASH);
+    info["torch_version"] = CMFAST_STR(CMFAST_TORCH_VERSION);
+    info["cpu_flags"] = CMFAST_STR(CMFAST_CPU_FLAGS);
+#ifdef CMFAST_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_runtime"] = CUDART_VERSION;
+    info["cuda_arch_list"] = CMFAST_STR(CMFAST_CUDA_ARCHS);
+#else
+    info["cuda"] = false;
+#endif
+    return info;
+  });
+}

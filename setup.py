@@ -1,0 +1,76 @@
+"""Builds cmfast and its extension cmfast._C.
+
+The CPU part (csrc/*.cpp) is always built; the CUDA part (kernels/*.cu) when CMFAST_CUDA says so:
+  CMFAST_CUDA=auto (default): when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or nvcc on PATH)
+  CMFAST_CUDA=1: always (fails if it cannot); CMFAST_CUDA=0: never.
+Other knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0a+PTX"), MAX_JOBS (parallel compile jobs, read by
+torch's BuildExtension), CMFAST_NATIVE=1 (tune CPU code for this machine with -march=native).
+Build without build isolation so the extension compiles against the torch you run with:
+  pip install --no-build-isolation -e .
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_ARCHS = "8.0;9.0a+PTX"
+
+
+def source_hash() -> str:
+    """Hash of every file the extension is built from; cmfast compares it at import to spot a stale build."""
+    h = hashlib.sha256()
+    for path in sorted([*ROOT.glob("csrc/*"), *ROOT.glob("kernels/*")]):
+        if path.is_file():
+            h.update(path.relative_to(ROOT).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def want_cuda(torch, cpp_extension) -> bool:
+    mode = os.environ.get("CMFAST_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"CMFAST_CUDA must be auto, 0 or 1, got {mode!r}")
+    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not possible:
+        raise SystemExit(
+            "CMFAST_CUDA=1 but the CUDA part cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return possible if mode == "auto" else mode == "1"
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    native = os.environ.get("CMFAST_NATIVE", "0") == "1"
+    cuda = want_cuda(torch, cpp_extension)
+    if cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    defines = [
+        f"-DCMFAST_SOURCE_HASH={source_hash()}",
+        f"-DCMFAST_TORCH_VERSION={torch.__version__}",
+        f"-DCMFAST_CPU_FLAGS={'native' if native else 'portable'}",
+    ]
+    if cuda:
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ",").replace(" ", ",")
+        defines += ["-DCMFAST_WITH_CUDA", f"-DCMFAST_CUDA_ARCHS={archs}"]
+    cxx = ["-O3", "-g0", "-std=c++17", *defines] + (["-march=native"] if native else [])
+    sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/*.cpp"))
+    if not cuda:
+        return [cpp_extension.CppExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx})]
+    sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("kernels/*.cu"))
+    nvcc = ["-O3", "-std=c++17", *defines]
+    return [cpp_extension.CUDAExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+
+
+def cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=extensions(), cmdclass=cmdclass())
