@@ -9,7 +9,7 @@ Build without build isolation so the extension compiles against the torch you ru
   pip install --no-build-isolation -e .
 """
 
-import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,13 +20,11 @@ DEFAULT_ARCHS = "8.0;9.0a+PTX"
 
 
 def source_hash() -> str:
-    """Hash of every file the extension is built from; cmfast compares it at import to spot a stale build."""
-    h = hashlib.sha256()
-    for path in sorted([*ROOT.glob("csrc/*"), *ROOT.glob("kernels/*")]):
-        if path.is_file():
-            h.update(path.relative_to(ROOT).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """The sources' fingerprint, computed by the same code cmfast runs at import (loaded by path: no torch)."""
+    spec = importlib.util.spec_from_file_location("_build_hash", ROOT / "cmfast" / "_build_hash.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash(ROOT)
 
 
 def want_cuda(torch, cpp_extension) -> bool:
@@ -58,12 +56,13 @@ def extensions():
     if cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ",").replace(" ", ",")
         defines += ["-DCMFAST_WITH_CUDA", f"-DCMFAST_CUDA_ARCHS={archs}"]
-    cxx = ["-O3", "-g0", "-std=c++17", *defines] + (["-march=native"] if native else [])
+    # torch's BuildExtension adds the -std its headers need (C++20 since torch 2.10).
+    cxx = ["-O3", "-g0", *defines] + (["-march=native"] if native else [])
     sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/*.cpp"))
     if not cuda:
         return [cpp_extension.CppExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx})]
     sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("kernels/*.cu"))
-    nvcc = ["-O3", "-std=c++17", *defines]
+    nvcc = ["-O3", *defines]
     return [cpp_extension.CUDAExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 

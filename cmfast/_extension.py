@@ -7,7 +7,6 @@ warning, and recorded in `status` for `cmfast info`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import warnings
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ._build_hash import source_hash
 
 _ROOT = Path(__file__).resolve().parent.parent  # the source tree, for an in-place (editable) build
 
@@ -29,16 +30,10 @@ class ExtensionStatus:
 
 
 def _source_hash() -> str | None:
-    """Hash of csrc/ and kernels/ as setup.py computes it, or None when the sources are not beside the package."""
-    files = sorted([*_ROOT.glob("csrc/*"), *_ROOT.glob("kernels/*")])
-    if not files or not (_ROOT / "setup.py").is_file():
+    """The fingerprint of csrc/ and kernels/ when they lie beside the package (an in-place build), else None."""
+    if not (_ROOT / "setup.py").is_file():
         return None
-    h = hashlib.sha256()
-    for path in files:
-        if path.is_file():
-            h.update(path.relative_to(_ROOT).as_posix().encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return source_hash(_ROOT)
 
 
 def _load() -> ExtensionStatus:

@@ -1,0 +1,54 @@
+# Developer and CI entry points. Every target installs what it needs into a venv under $(CACHE), reused
+# between runs, so a fresh clone needs only `make test` (the tests) or `make run` (the main job).
+#   make test        build the extension in place and run the tests (CPU; GPU tests skip without a GPU)
+#   make run         build, print what this install can do (cmfast info) and benchmark the consistency op
+#   make cuda-check  compile kernels/*.cu for sm_80 and sm_90a with CMake; fail on any register spill
+#   make cuda-link   build the CUDA part of cmfast._C against a CUDA build of torch (no GPU needed)
+#   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
+#   make ci          all of the above (what .ci/run does)
+PYTHON ?= python3
+CACHE ?= $(HOME)/.cache/cmfast
+VENV ?= $(CACHE)/venv-cpu
+TORCH ?= torch==2.13.0
+CUDA_VENV ?= $(CACHE)/venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+PY := $(VENV)/bin/python
+
+.PHONY: build test run cuda-check cuda-link wheel-smoke ci
+
+# The CPU build of torch is pinned first: a bare "torch" requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH)"
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q
+
+run: build
+	$(VENV)/bin/cmfast info
+	$(PY) -m benchmarks.bench_consistency
+
+cuda-check: $(VENV)/.installed
+	$(PY) tools/ptxas_report.py
+
+$(CUDA_VENV)/.installed:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q --upgrade pip
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" numpy ninja setuptools wheel
+	touch $@
+
+cuda-link: $(CUDA_VENV)/.installed
+	CUDA_HOME=$(CUDA_HOME) tools/cuda_link_check.sh $(CUDA_VENV)/bin/python
+
+wheel-smoke: $(VENV)/.installed
+	tools/wheel_smoke.sh $(PY) "$(TORCH)"
+
+ci: test cuda-check cuda-link wheel-smoke

@@ -1,0 +1,54 @@
+"""Test setup. Without a GPU, Triton kernels run in Triton's CPU interpreter, which must be switched on
+before triton is first imported (so here, before any test module imports cmfast).
+
+Random inputs are fresh each session: the seed is printed in the header; rerun a failure with
+CMFAST_TEST_SEED=<seed>."""
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cmfast import backends  # noqa: E402
+
+SEED = int(os.environ.get("CMFAST_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"cmfast test seed: {SEED} (CMFAST_TEST_SEED={SEED} reproduces); TRITON_INTERPRET={backends.triton_interpreter()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+# The backends that can serve each device type (cuda kernels never take CPU tensors, nor cpu ones CUDA tensors).
+DEVICE_BACKENDS = {"cpu": ("cpu", "triton", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def backend_params() -> list:
+    """(device, backend) pytest params: CUDA ones marked gpu; CPU ones that cannot run here skipped with why."""
+    params = []
+    for device, names in DEVICE_BACKENDS.items():
+        for name in names:
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            ok, why = backends.availability(name, torch.device(device))
+            if device == "cpu" and not ok:
+                marks.append(pytest.mark.skip(reason=why))
+            params.append(pytest.param(device, name, marks=marks, id=f"{device}-{name}"))
+    return params
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the session seed and the test's id: fresh inputs per session, reproducible."""
+    return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,105 @@
+"""The package around the kernels: the compiled extension's state, running without it or without triton,
+and `cmfast info` telling the truth."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cmfast
+from cmfast import _extension, backends
+from cmfast.cli import main
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_ops_are_registered():
+    for name in ("consistency_epilogue", "consistency_prologue"):
+        assert hasattr(torch.ops.cmfast, name)
+
+
+@pytest.mark.skipif(not cmfast.extension.loaded, reason=f"cmfast._C not loaded: {cmfast.extension.reason}")
+def test_extension_is_current_and_registered():
+    info = cmfast.extension.build_info
+    assert info["torch_version"] == torch.__version__
+    for name in ("consistency_epilogue", "consistency_prologue"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cmfast_C::{name}", "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cmfast_C::{name}", "CUDA") == info["cuda"]
+
+
+def test_stale_extension_is_refused(monkeypatch):
+    if not cmfast.extension.loaded:
+        pytest.skip("needs a built cmfast._C")
+    monkeypatch.setattr(_extension, "_source_hash", lambda: "0" * 16)
+    state = _extension._load()
+    assert not state.loaded and "stale" in state.reason
+
+
+IMPORT_AND_RUN = """
+import warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import cmfast
+    import cmfast.ops
+x = torch.randn(2, 3, 4, 4)
+out = cmfast.ops.consistency_epilogue(x, x, torch.tensor([0.002, 80.0]))
+assert torch.equal(out[0], x[0])
+from cmfast import backends
+print("BACKEND", backends.choose(torch.device("cpu")))
+print("WARNINGS", len([w for w in caught if "cmfast" in str(w.message)]))
+"""
+
+
+def test_import_without_extension():
+    result = run_python(IMPORT_AND_RUN, CMFAST_NO_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "BACKEND reference" in result.stdout
+    assert "WARNINGS 1" in result.stdout  # said once, however often imported
+
+
+def test_import_without_triton():
+    code = "import sys; sys.modules['triton'] = None\n" + IMPORT_AND_RUN + (
+        "\nok, why = backends.triton_status(); assert not ok, why; print('TRITON', why)"
+    )
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "TRITON triton" in result.stdout
+
+
+def test_info_tells_the_truth(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text
+    if cmfast.extension.loaded:
+        assert "cmfast._C: loaded; CPU part: yes" in text
+        assert f"CUDA part: {'yes' if cmfast.extension.cuda else 'no'}" in text
+    else:
+        assert f"cmfast._C: off ({cmfast.extension.reason})" in text
+    chosen = backends.choose(torch.device("cpu"))
+    assert f"consistency_epilogue   on cpu    -> {chosen}" in text
+
+
+def test_info_without_extension():
+    result = run_python("from cmfast.cli import main; main(['info'])", CMFAST_NO_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert "cmfast._C: off (disabled by CMFAST_NO_EXTENSION=1)" in result.stdout
+    assert "consistency_epilogue   on cpu    -> reference" in result.stdout
+
+
+def test_env_var_forces_backend():
+    result = run_python(
+        "import torch, cmfast.backends as b; print(b.choose(torch.device('cpu')))", CMFAST_BACKEND="reference"
+    )
+    assert result.stdout.strip() == "reference", result.stderr
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
