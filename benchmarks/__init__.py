@@ -1,0 +1,1 @@
+"""cmfast microbenchmarks: one module per op plus the whole model, sharing benchmarks.common."""

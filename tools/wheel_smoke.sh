@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Builds the cmfast wheel with the given python (its torch is the one the extension compiles against),
+# installs it into a fresh venv with the given torch requirement, and checks from outside the source tree
+# that it imports, has its compiled CPU kernels, and computes what the reference computes.
+# usage: tools/wheel_smoke.sh PYTHON TORCH_REQUIREMENT      e.g. tools/wheel_smoke.sh .venv/bin/python torch==2.13.0
+set -euo pipefail
+python=${1:?usage: $0 PYTHON TORCH_REQUIREMENT}
+torch_req=${2:?usage: $0 PYTHON TORCH_REQUIREMENT}
+root=$(cd "$(dirname "$0")/.." && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+echo "== building the wheel"
+"$python" -m pip wheel "$root" --no-build-isolation --no-deps -q -w "$tmp/dist"
+wheel=$(ls "$tmp"/dist/cmfast-*.whl)
+echo "   $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"
+
+echo "== installing it into a fresh venv"
+"$python" -m venv "$tmp/venv"
+"$tmp/venv/bin/pip" install -q --upgrade pip
+"$tmp/venv/bin/pip" install -q "$torch_req"
+"$tmp/venv/bin/pip" install -q "$wheel"
+
+echo "== smoke test (from $tmp, away from the sources)"
+cd "$tmp"
+"$tmp/venv/bin/python" - <<'PY'
+import torch
+import cmfast
+from cmfast import ops
+from cmfast.ops import consistency as C
+
+assert cmfast.extension.loaded and cmfast.extension.cpu, cmfast.extension.reason
+assert "site-packages" in cmfast.__file__, cmfast.__file__
+x, f = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+sigma = torch.tensor([0.002, 1.0, 80.0])
+with cmfast.use_backend("cpu"):
+    out = ops.consistency_epilogue(x, f, sigma, clamp=True)
+want = torch.empty_like(x)
+C.reference_epilogue(x, f, sigma, 0.5, 0.002, True, want)
+assert (out - want).abs().max() <= 1e-6 * want.abs().max(), "CPU kernel disagrees with the reference"
+print("wheel OK:", cmfast.__file__)
+PY
+"$tmp/venv/bin/cmfast" info
