@@ -54,16 +54,20 @@ def extensions():
         f"-DCMFAST_CPU_FLAGS={'native' if native else 'portable'}",
     ]
     if cuda:
-        archs = os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", ",").replace(" ", ",")
+        archs = "/".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())  # no commas in a macro
         defines += ["-DCMFAST_WITH_CUDA", f"-DCMFAST_CUDA_ARCHS={archs}"]
     # torch's BuildExtension adds the -std its headers need (C++20 since torch 2.10).
     cxx = ["-O3", "-g0", *defines] + (["-march=native"] if native else [])
-    sources = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/*.cpp"))
+    def files(*patterns):
+        return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
+
+    headers = files("csrc/*.h", "kernels/*.h", "kernels/*.cuh")  # a header change must rebuild too
     if not cuda:
-        return [cpp_extension.CppExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx})]
-    sources += sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("kernels/*.cu"))
+        return [cpp_extension.CppExtension("cmfast._C", files("csrc/*.cpp"), depends=headers,
+                                           extra_compile_args={"cxx": cxx})]
     nvcc = ["-O3", *defines]
-    return [cpp_extension.CUDAExtension("cmfast._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+    return [cpp_extension.CUDAExtension("cmfast._C", files("csrc/*.cpp", "kernels/*.cu"), depends=headers,
+                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 
 def cmdclass():
