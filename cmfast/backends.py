@@ -90,17 +90,17 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-def choose(device: torch.device) -> str:
-    """The backend an op runs on for tensors on `device`."""
+def choose(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend an op runs on for tensors on `device`, among the backends the op `implemented`."""
     name = forced()
     if name is not None:
-        ok, why = availability(name, device)
+        ok, why = availability(name, device) if name in implemented else (False, "the op has no such kernel yet")
         if not ok:
             raise RuntimeError(f"backend {name!r} was forced but cannot run on {device}: {why}")
         return name
     for name in BACKENDS:
-        if name == "triton" and device.type != "cuda":
-            continue  # the interpreter is for tests; never chosen unasked
+        if name not in implemented or (name == "triton" and device.type != "cuda"):
+            continue  # the Triton interpreter is for tests; never chosen unasked
         if availability(name, device)[0]:
             return name
     return "reference"

@@ -1,0 +1,195 @@
+"""Loading and saving U-Net checkpoints: openai `.pt` state dicts, `.safetensors` files (openai or diffusers
+key names), diffusers model folders (config.json + weights), or a state dict in memory.
+
+`.pt` files are read with torch.load(weights_only=True): a pickle that would run code is refused. Every
+mismatch between the file and the config is reported in one CheckpointError. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import UNetConfig, infer_config, preset
+from .keymap import config_from_diffusers, diffusers_config, diffusers_to_openai, openai_to_diffusers
+from .unet import PRECISIONS, UNet
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+CONFIG_METADATA = "cmfast_config"  # safetensors metadata key holding the UNetConfig as JSON
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the U-Net it is loaded into."""
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused: the file is a pickle carrying code or objects beyond tensors, which "
+            f"weights_only loading will not run ({str(e).splitlines()[0]})"
+        ) from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {e}") from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors (truncated or corrupt?): {e}") from None
+
+
+def is_diffusers_keys(state_dict: dict) -> bool:
+    return "time_embedding.linear_1.weight" in state_dict or "conv_in.weight" in state_dict
+
+
+def read(source) -> tuple[dict, UNetConfig | None]:
+    """(state dict with openai key names, the config the source records or None)."""
+    if isinstance(source, dict):
+        state, config = source, None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+        if path.is_dir():
+            return _read_diffusers_folder(path)
+        if path.suffix == ".safetensors":
+            state, meta = _safetensors_load(path)
+            config = UNetConfig(**_tuples(json.loads(meta[CONFIG_METADATA]))) if CONFIG_METADATA in meta else None
+            if config is None and is_diffusers_keys(state) and (path.parent / "config.json").is_file():
+                config = config_from_diffusers(json.loads((path.parent / "config.json").read_text()))
+        else:
+            state, config = _torch_load(path), None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{source!s:.200}: expected a state dict (names -> tensors)")
+    if is_diffusers_keys(state):
+        if config is None:
+            raise CheckpointError("diffusers key names but no config: pass config= or load the model folder")
+        state = _renamed(diffusers_to_openai, state, config)
+    return state, config
+
+
+def _read_diffusers_folder(path: Path) -> tuple[dict, UNetConfig]:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: a diffusers model folder needs config.json")
+    config = config_from_diffusers(json.loads((path / "config.json").read_text()))
+    for name in DIFFUSERS_WEIGHTS:
+        if (path / name).is_file():
+            weights = path / name
+            state = _safetensors_load(weights)[0] if name.endswith(".safetensors") else _torch_load(weights)
+            return _renamed(diffusers_to_openai, state, config), config
+    raise CheckpointError(f"{path}: no weights ({' or '.join(DIFFUSERS_WEIGHTS)})")
+
+
+def _renamed(fn, state, config):
+    try:
+        return fn(state, config)
+    except KeyError as e:
+        raise CheckpointError(f"{e.args[0]} (config: {config})") from None
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def check_fits(state: dict, config: UNetConfig) -> None:
+    """One error listing every missing, unexpected and wrongly-shaped key, and the config it was checked against."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, model {expected[k]}" for k in expected
+              if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        def listing(title, items):
+            shown = "".join(f"\n    {i}" for i in items[:20])
+            return f"\n  {title} ({len(items)}):{shown}" + (f"\n    ... {len(items) - 20} more" if len(items) > 20 else "")
+
+        raise CheckpointError(
+            "checkpoint does not fit the U-Net"
+            + (listing("missing keys", missing) if missing else "")
+            + (listing("unexpected keys", unexpected) if unexpected else "")
+            + (listing("wrong shapes", shapes) if shapes else "")
+            + f"\n  config: {config}"
+        )
+
+
+def _precision(dtype) -> str:
+    if dtype is None:
+        return "fp32"
+    for name, d in PRECISIONS.items():
+        if dtype in (d, name):
+            return name
+    raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+
+
+def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool = False) -> UNet:
+    """A cmfast U-Net with the weights of `source` (path to .pt / .safetensors / diffusers folder, or a state dict).
+
+    config: None (recorded in the source, else inferred from the weights' shapes), a preset name, or a UNetConfig.
+    dtype: None or torch.float32; torch.float16 for the reference's fp16 mode; torch.bfloat16 likewise in bf16.
+    """
+    precision = _precision(dtype)
+    state, recorded = read(source)
+    if isinstance(config, str):
+        config = preset(config).unet
+    elif config is None:
+        try:
+            config = recorded or infer_config(state)
+        except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(f"cannot infer the U-Net config from these keys ({e}); pass config=") from None
+    elif not isinstance(config, UNetConfig):
+        raise TypeError(f"config: expected None, a preset name or a UNetConfig, got {type(config).__name__}")
+    check_fits(state, config)
+    with torch.device("meta"):
+        model = UNet(config)
+    model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, assign=True)
+    model.set_precision(precision)
+    if channels_last:
+        model.set_channels_last()
+    return model.eval()
+
+
+def save(model: UNet, dest, *, overwrite: bool = False) -> Path:
+    """Write `model` as an openai `.pt`, a `.safetensors` (openai names, config in metadata) or, for a path without
+    one of those suffixes, a diffusers model folder. Atomic: the destination appears complete or not at all."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest}: exists (pass overwrite=True, or --force on the command line)")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        if dest.suffix == ".pt":
+            torch.save(state, tmp / "w")
+            written = tmp / "w"
+        elif dest.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            meta = {CONFIG_METADATA: json.dumps(model.config.__dict__), "format": "openai"}
+            save_file(state, str(tmp / "w"), metadata=meta)
+            written = tmp / "w"
+        else:
+            from safetensors.torch import save_file
+
+            written = tmp / "folder"
+            written.mkdir()
+            save_file(openai_to_diffusers(state, model.config), str(written / DIFFUSERS_WEIGHTS[0]))
+            (written / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2) + "\n")
+        if dest.exists():  # overwrite: make room, then move the finished file in
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(written, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,66 @@
+"""Swap-in: a cmfast U-Net in the place of a live reference model, with its weights, call signature and
+return type. `pipe.unet = cmfast.swap(pipe.unet)` inside diffusers' ConsistencyModelPipeline."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import load
+from .config import infer_config
+from .keymap import config_from_diffusers, diffusers_to_openai
+from .unet import UNet
+
+
+def _is_diffusers_unet(model) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and "block_out_channels" in config and "layers_per_block" in config
+
+
+class DiffusersUNet(nn.Module):
+    """A cmfast U-Net behind diffusers' UNet2DModel interface: forward(sample, timestep, class_labels=None,
+    return_dict=True) -> UNet2DOutput (or a 1-tuple), plus the `config`, `dtype` and `device` pipelines read."""
+
+    def __init__(self, unet: UNet, config, dtype: torch.dtype):
+        super().__init__()
+        self.unet = unet
+        self.config = config
+        self._dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        out = self.unet(sample, timestep.reshape(-1).expand(sample.shape[0]), class_labels).to(sample.dtype)
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+def swap(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
+    """A cmfast U-Net with `model`'s weights: for a diffusers UNet2DModel, wrapped in its interface; for an openai
+    UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None))."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError("model: has no parameters to take")
+    device = param.device
+    if _is_diffusers_unet(model):
+        config = config_from_diffusers(dict(model.config))
+        state = diffusers_to_openai(model.state_dict(), config)
+        half = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else None
+        unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
+        return DiffusersUNet(unet, model.config, model.dtype).train(model.training)
+    state = model.state_dict()
+    heads = getattr(model, "num_head_channels", 64)
+    config = infer_config(state, num_head_channels=heads if heads and heads > 0 else 64,
+                          image_size=getattr(model, "image_size", None))
+    half = getattr(model, "dtype", None) if getattr(model, "use_fp16", False) else None
+    return load(state, config=config, device=device, dtype=half, channels_last=channels_last).train(model.training)

@@ -1,0 +1,222 @@
+"""The ADM U-Net of the consistency-model checkpoints (SPEC.md section 1), with the reference's module names,
+so openai state dicts load as they are, and with every GroupNorm and attention going through cmfast ops.
+
+Precision modes (`UNet.set_precision`): "fp32"; "fp16", the reference's fp16 mode: the convolutions of the
+input, middle and output blocks in fp16, while the time and label embeddings, the emb_layers Linears, the
+GroupNorm affine parameters and the output head stay fp32 (GroupNorm statistics are fp32 in every mode);
+"bf16": the same with bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import UNetConfig
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = exp(-ln(max_period) i / half), in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm(32) whose call can fuse the following scale/shift and SiLU (cmfast.ops.group_norm)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels, eps=1e-5)
+
+    def forward(self, x, scale=None, shift=None, silu=False):
+        return ops.group_norm(x, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps,
+                              scale=scale, shift=shift, silu=silu)
+
+
+def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
+    if up:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if down:
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return x
+
+
+class ResBlock(nn.Module):
+    """Keys: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection (1x1 conv when widths differ)."""
+
+    def __init__(self, channels, emb_channels, out_channels, *, scale_shift, dropout=0.0, up=False, down=False):
+        super().__init__()
+        self.scale_shift, self.up, self.down = scale_shift, up, down
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb_act):
+        """emb_act: SiLU of the time(+label) embedding, shared by every block (emb_layers.0 is that SiLU)."""
+        h = self.in_layers[0](x, silu=True)
+        if self.up or self.down:
+            h, x = _resample(h, self.up, self.down), _resample(x, self.up, self.down)
+        h = self.in_layers[2](h)
+        e = self.emb_layers[1](emb_act).to(h.dtype)
+        norm, dropout, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = norm(h, scale=scale, shift=shift, silu=True)
+        else:
+            h = norm(h + e[:, :, None, None], silu=True)
+        return self.skip_connection(x) + conv(dropout(h))
+
+
+class AttentionBlock(nn.Module):
+    """Keys: norm, qkv (1x1 conv C -> 3C, channels ordered (q|k|v, head, d)), proj_out (1x1 conv)."""
+
+    def __init__(self, channels, num_head_channels):
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(f"num_head_channels: {num_head_channels} does not divide {channels} channels")
+        self.num_heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, emb_act=None):
+        qkv = self.qkv(self.norm(x))
+        return x + self.proj_out(ops.attention(qkv, self.num_heads))
+
+
+class Block(nn.ModuleList):
+    """One entry of input_blocks / middle_block / output_blocks: layers applied in order (keys .0, .1, .2)."""
+
+    def forward(self, h, emb_act):
+        for layer in self:
+            h = layer(h, emb_act) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(h)
+        return h
+
+
+def _may_sync(t: torch.Tensor) -> bool:
+    """Whether a value check may read `t` on the host: not while compiling nor while capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class UNet(nn.Module):
+    """The reference's UNetModel: forward(x, timesteps, y=None) -> the raw network output (batch, out, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        c0, emb = c.model_channels, 4 * c.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(c0, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb)
+
+        def res(cin, cout, **kw):
+            return ResBlock(cin, emb, cout, scale_shift=c.use_scale_shift_norm, dropout=c.dropout, **kw)
+
+        ch = c0 * c.channel_mult[0]
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        skips = [ch]
+        last = len(c.channel_mult) - 1
+        for level, (mult, attn) in enumerate(zip(c.channel_mult, c.attention_levels)):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, c0 * mult)]
+                ch = c0 * mult
+                if attn:
+                    layers.append(AttentionBlock(ch, c.num_head_channels))
+                self.input_blocks.append(Block(layers))
+                skips.append(ch)
+            if level != last:
+                self.input_blocks.append(Block([res(ch, ch, down=True)]))
+                skips.append(ch)
+        self.middle_block = Block([res(ch, ch), AttentionBlock(ch, c.num_head_channels), res(ch, ch)])
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(c.channel_mult))):
+            mult, attn = c.channel_mult[level], c.attention_levels[level]
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), c0 * mult)]
+                ch = c0 * mult
+                if attn:
+                    layers.append(AttentionBlock(ch, c.num_head_channels))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True))
+                self.output_blocks.append(Block(layers))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.precision = "fp32"
+        self.channels_last = False
+
+    @property
+    def block_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def set_precision(self, precision: str) -> "UNet":
+        """fp32, or the reference's mixed mode with fp16 or bf16 block convolutions (see the module docstring)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        for blocks in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in blocks.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.to(PRECISIONS[precision])
+        self.precision = precision
+        return self
+
+    def set_channels_last(self, enabled: bool = True) -> "UNet":
+        """Run the convolutions (and so every activation) in channels_last memory layout."""
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = enabled
+        return self
+
+    def _check_inputs(self, x, timesteps, y):
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (batch, {c.in_channels}, H, W), got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        levels = 2 ** (len(c.channel_mult) - 1)
+        if x.shape[2] % levels or x.shape[3] % levels:
+            raise ValueError(f"x: height and width must be multiples of {levels}, got {tuple(x.shape[2:])}")
+        if timesteps.dim() != 1 or timesteps.shape[0] != x.shape[0]:
+            raise ValueError(f"timesteps: expected shape ({x.shape[0]},), got {tuple(timesteps.shape)}")
+        if c.num_classes is None:
+            if y is not None:
+                raise ValueError("y: this model is unconditional; class labels must be None")
+            return
+        if y is None:
+            raise ValueError(f"y: this model is class-conditional ({c.num_classes} classes); class labels are required")
+        if y.shape != (x.shape[0],) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"y: expected integer labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        if _may_sync(y) and y.numel() and (y.min() < 0 or y.max() >= c.num_classes):
+            raise ValueError(f"y: class labels must lie in [0, {c.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+
+    def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None) -> torch.Tensor:
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        self._check_inputs(x, timesteps, y)
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
+        if self.config.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        emb_act = F.silu(emb)
+        h = x.to(self.block_dtype)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb_act)
+            skips.append(h)
+        h = self.middle_block(h, emb_act)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
+        h = self.out[0](h.to(x.dtype), silu=True)
+        return self.out[2](h.to(self.out[2].weight.dtype))

@@ -1,0 +1,75 @@
+"""The `attention` op: multi-head self-attention read straight from the packed qkv of the ADM U-Net.
+
+qkv: (batch, 3 * C, *spatial) as the checkpoint's qkv 1x1 conv produces it, channel = s * C + h * D + d with
+s in (q, k, v), h the head, D = C // num_heads. Tokens are the T = prod(spatial) positions. Output:
+(batch, C, *spatial), channel = h * D + d (what proj_out consumes), in qkv's memory layout (channels_last in,
+channels_last out). Softmax scale 1/sqrt(D), no mask; softmax and accumulation in fp32.
+Kernels: issue 5; until then the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+from ._common import check_tensor
+
+IMPLEMENTED = ("reference",)
+
+
+def heads_view(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """qkv (B, 3C, *spatial) as a strided view (3, B, heads, T, D): no copy, whatever the memory layout."""
+    batch, three_c = qkv.shape[:2]
+    head_dim = three_c // (3 * num_heads)
+    tokens = qkv.reshape(batch, three_c, -1)  # a view for contiguous and channels_last alike
+    return tokens.view(batch, 3, num_heads, head_dim, tokens.shape[-1]).permute(1, 0, 2, 4, 3)
+
+
+def output_like(qkv: torch.Tensor) -> torch.Tensor:
+    """The (B, C, *spatial) output buffer, channels_last when qkv is."""
+    batch, three_c, *spatial = qkv.shape
+    shape = (batch, three_c // 3, *spatial)
+    if qkv.dim() == 4 and qkv.is_contiguous(memory_format=torch.channels_last) and not qkv.is_contiguous():
+        return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=torch.channels_last)
+    return qkv.new_empty(shape)
+
+
+def out_heads_view(out: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """out (B, C, *spatial) as a view (B, heads, T, D)."""
+    batch, channels = out.shape[:2]
+    tokens = out.reshape(batch, channels, -1)
+    return tokens.view(batch, num_heads, channels // num_heads, tokens.shape[-1]).transpose(2, 3)
+
+
+def reference_attention(qkv, num_heads, out):
+    q, k, v = heads_view(qkv, num_heads).float().unbind(0)
+    weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+    out_heads_view(out, num_heads).copy_(weights @ v)
+
+
+def _impl(backend: str):
+    return reference_attention
+
+
+@torch.library.custom_op("cmfast::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    out = output_like(qkv)
+    _impl(backends.choose(qkv.device, IMPLEMENTED))(qkv, num_heads, out)
+    return out
+
+
+@_attention_op.register_fake
+def _(qkv, num_heads):
+    return output_like(qkv)
+
+
+def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Self-attention of the packed qkv (batch, 3C, *spatial) with `num_heads` heads -> (batch, C, *spatial)."""
+    check_tensor("qkv", qkv, min_dim=3)
+    if not isinstance(num_heads, int) or num_heads <= 0 or qkv.shape[1] % (3 * num_heads):
+        raise ValueError(
+            f"num_heads: expected a positive int dividing C = qkv.shape[1] / 3 = {qkv.shape[1] / 3:g}, got {num_heads!r}"
+        )
+    return torch.ops.cmfast.attention(qkv, num_heads)

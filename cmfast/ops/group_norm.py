@@ -1,0 +1,84 @@
+"""The `group_norm` op: GroupNorm with the ADM U-Net's fused epilogue.
+
+  y = GroupNorm(x; num_groups, eps, weight, bias)
+  y = y * (1 + scale) + shift        when scale/shift are given (per sample and channel, shape (batch, C))
+  y = SiLU(y)                        when silu=True
+
+Statistics and arithmetic in fp32 whatever the storage dtype (the reference computes GroupNorm in fp32 even
+in its fp16 mode); the output has x's dtype and x's memory layout. Kernels: issue 5; until then the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._common import check_same_device, check_tensor, output_like
+
+IMPLEMENTED = ("reference",)
+
+
+def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
+    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    per_channel = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1.0 + scale.float().reshape(per_channel))
+    if shift is not None:
+        y = y + shift.float().reshape(per_channel)
+    out.copy_(F.silu(y) if silu else y)
+
+
+def _impl(backend: str):
+    return reference_group_norm
+
+
+@torch.library.custom_op("cmfast::group_norm", mutates_args=())
+def _group_norm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    out = output_like(x)
+    _impl(backends.choose(x.device, IMPLEMENTED))(x, weight, bias, scale, shift, num_groups, eps, silu, out)
+    return out
+
+
+@_group_norm_op.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+    return output_like(x)
+
+
+def group_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    num_groups: int = 32,
+    eps: float = 1e-5,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """GroupNorm of x (batch, C, ...), then `* (1 + scale) + shift` (each (batch, C)), then SiLU if `silu`."""
+    check_tensor("x", x, min_dim=2)
+    channels = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
+        raise ValueError(f"num_groups: expected a positive divisor of the {channels} channels of x, got {num_groups!r}")
+    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
+                           ("scale", scale, (x.shape[0], channels)), ("shift", shift, (x.shape[0], channels))):
+        if t is None:
+            continue
+        check_tensor(name, t)
+        check_same_device(name, t, "x", x)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    return torch.ops.cmfast.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
