@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402  (registers torch.ops.cmfast.*)
 from ._extension import status as extension  # noqa: E402
 from .backends import use_backend  # noqa: E402
-from .models import CheckpointError, UNet, UNetConfig, load, save, swap  # noqa: E402
+from .models import CheckpointError, UNet, UNetConfig, infer_config, load, save, swap  # noqa: E402
 
-__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__", "extension", "load", "ops", "save", "swap",
-           "use_backend"]
+__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__", "extension", "infer_config", "load", "ops", "save",
+           "swap", "use_backend"]
