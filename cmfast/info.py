@@ -8,8 +8,7 @@ import torch
 
 from . import __version__, backends
 from ._extension import status as extension
-
-OPS = ("consistency_epilogue", "consistency_prologue")
+from .ops import IMPLEMENTED
 
 
 def _devices() -> list[torch.device]:
@@ -48,15 +47,14 @@ def report() -> str:
         lines.append(f"forced backend: {forced}")
     lines.append("backends (preference: " + " > ".join(backends.BACKENDS) + "):")
     for device in _devices():
-        try:
-            chosen = backends.choose(device)
-            why = backends.availability(chosen, device)[1]
-        except RuntimeError as e:
-            chosen, why = "none", str(e)
-        for op in OPS:
-            lines.append(f"  {op:<22} on {str(device):<7}-> {chosen}: {why}")
+        lines.append(f"  on {device}:")
         for name in backends.BACKENDS:
-            if name != chosen:
-                ok, reason = backends.availability(name, device)
-                lines.append(f"    {name:<10} {'available' if ok else 'off'}: {reason}")
+            ok, reason = backends.availability(name, device)
+            lines.append(f"    {name:<10} {'available' if ok else 'off'}: {reason}")
+        for op, implemented in IMPLEMENTED.items():
+            try:
+                chosen = backends.choose(device, implemented)
+            except RuntimeError as e:  # a forced backend that cannot run here
+                chosen = f"none ({e})"
+            lines.append(f"    {op:<12} -> {chosen:<10} (kernels: {', '.join(implemented)})")
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """Comparison against references, with the tolerance table of the project:
 fp32 within 1e-6 relative to the reference's largest magnitude; fp16/bf16 within `ulps` units in the last
-place of the output type, element by element."""
+place of the output type, element by element, except where the fp32 arithmetic's own error (the fp32 bound)
+exceeds that ulp: near zero after cancellation, a kernel that rounds or fuses differently in fp32 may land a
+few tiny half-type ulps away."""
 
 import torch
 
@@ -29,7 +31,8 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, *, ulps: int = 
         return
     if actual.dtype in (torch.float16, torch.bfloat16):
         dist = ulp_distance(actual, expected)
-        worst = int(dist.max())
+        fp32_close = (actual.float() - expected.float()).abs() <= rtol * expected.float().abs().max()
+        worst = int(dist[~fp32_close].max()) if (~fp32_close).any() else 0
         assert worst <= ulps, f"{worst} ulps apart (allowed {ulps})"
     else:
         scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)

@@ -24,6 +24,11 @@ def pytest_report_header(config):
     return f"cmfast test seed: {SEED} (CMFAST_TEST_SEED={SEED} reproduces); TRITON_INTERPRET={backends.triton_interpreter()}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    if terminalreporter.stats.get("failed"):
+        terminalreporter.write_line(f"random inputs came from CMFAST_TEST_SEED={SEED}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

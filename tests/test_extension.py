@@ -81,15 +81,16 @@ def test_info_tells_the_truth(capsys):
         assert f"CUDA part: {'yes' if cmfast.extension.cuda else 'no'}" in text
     else:
         assert f"cmfast._C: off ({cmfast.extension.reason})" in text
-    chosen = backends.choose(torch.device("cpu"))
-    assert f"consistency_epilogue   on cpu    -> {chosen}" in text
+    assert f"    consistency  -> {backends.choose(torch.device('cpu')):<10} (kernels: cuda, triton, cpu, reference)" in text
+    assert "    group_norm   -> reference  (kernels: reference)" in text
 
 
 def test_info_without_extension():
     result = run_python("from cmfast.cli import main; main(['info'])", CMFAST_NO_EXTENSION="1")
     assert result.returncode == 0, result.stderr
     assert "cmfast._C: off (disabled by CMFAST_NO_EXTENSION=1)" in result.stdout
-    assert "consistency_epilogue   on cpu    -> reference" in result.stdout
+    assert "    consistency  -> reference  (kernels: cuda, triton, cpu, reference)" in result.stdout
+    assert "    cpu        off: disabled by CMFAST_NO_EXTENSION=1" in result.stdout
 
 
 def test_env_var_forces_backend():

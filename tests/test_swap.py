@@ -1,0 +1,72 @@
+"""Swap-in: cmfast.swap() takes a live model's weights and keeps its call signature and return type, inside
+diffusers' ConsistencyModelPipeline too."""
+
+import pytest
+import torch
+from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+from reference_models import diffusers_unet, randomize_
+
+import cmfast
+from cmfast.models import PRESETS, UNet
+
+
+def pipeline(unet):
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0)
+    pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("steps", [{"num_inference_steps": 1}, {"timesteps": [22, 0]}], ids=["one-step", "two-step"])
+def test_swap_inside_a_diffusers_pipeline(steps, gen):
+    pipe = pipeline(diffusers_unet("test_imagenet", gen))
+    labels = torch.tensor([0, 3, 9])
+
+    def images():
+        out = pipe(batch_size=3, class_labels=labels, generator=torch.Generator().manual_seed(7), output_type="np",
+                   **steps)
+        return torch.from_numpy(out.images)
+
+    before = images()
+    pipe.unet = cmfast.swap(pipe.unet)
+    assert isinstance(pipe.unet.unet, cmfast.UNet)
+    after = images()
+    assert before.shape == (3, 16, 16, 3)
+    assert (after - before).abs().max() <= 1e-5
+
+
+def test_swapped_diffusers_unet_keeps_its_interface(gen):
+    ref = diffusers_unet("test_lsun", gen)
+    swapped = cmfast.swap(ref)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        want = ref(x, torch.tensor(100.0))
+        got = swapped(x, torch.tensor(100.0))
+        got_tuple = swapped(x, 100.0, return_dict=False)
+    assert type(got) is type(want) and isinstance(got_tuple, tuple)
+    assert float((got.sample - want.sample).abs().max() / want.sample.abs().max()) <= 1e-5
+    assert torch.equal(got_tuple[0], got.sample)
+    assert swapped.config == ref.config and swapped.dtype == ref.dtype and swapped.device == ref.device
+
+
+def test_swap_an_openai_style_model(gen):
+    """Anything with the openai key names (here a plain container of them) becomes a cmfast.UNet."""
+    source = randomize_(UNet(PRESETS["test_lsun"].unet), gen).eval()
+    holder = torch.nn.Module()
+    for key, value in source.state_dict().items():
+        holder.register_parameter(key.replace(".", "__"), torch.nn.Parameter(value.clone()))
+    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_parameters()}
+    holder.num_head_channels = 32
+    holder.image_size = 16
+    swapped = cmfast.swap(holder)
+    assert isinstance(swapped, cmfast.UNet) and swapped.config == PRESETS["test_lsun"].unet
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([5.0, 700.0])
+    with torch.no_grad():
+        assert torch.equal(swapped(x, t), source(x, t))
+
+
+def test_swap_rejects_what_it_cannot_take():
+    with pytest.raises(TypeError, match="^model: expected an nn.Module"):
+        cmfast.swap("unet")
+    with pytest.raises(ValueError, match="^model: has no parameters"):
+        cmfast.swap(torch.nn.Identity())
