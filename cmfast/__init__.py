@@ -10,6 +10,11 @@ from . import ops  # noqa: E402  (registers torch.ops.cmfast.*)
 from ._extension import status as extension  # noqa: E402
 from .backends import use_backend  # noqa: E402
 from .models import CheckpointError, UNet, UNetConfig, infer_config, load, save, swap  # noqa: E402
+from .consistency import Denoiser  # noqa: E402
+from .sampling import generators_for, sample, sample_heun  # noqa: E402
+from .schedules import karras_sigmas, sigmas_from_indices, two_step_sigmas  # noqa: E402
+from . import editing  # noqa: E402
 
-__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__", "extension", "infer_config", "load", "ops", "save",
-           "swap", "use_backend"]
+__all__ = ["CheckpointError", "Denoiser", "UNet", "UNetConfig", "__version__", "editing", "extension",
+           "generators_for", "infer_config", "karras_sigmas", "load", "ops", "sample", "sample_heun", "save",
+           "sigmas_from_indices", "swap", "two_step_sigmas", "use_backend"]

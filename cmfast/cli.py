@@ -52,7 +52,81 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", default=None, help="preset name when SRC's config cannot be inferred")
     convert.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     convert.set_defaults(func=_convert)
+    _add_sample(sub)
+    _add_edit(sub)
     return parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp32, or the reference's mixed mode with fp16/bf16 block convolutions")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses a generator seeded from (seed, i)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def _schedule_options(p: argparse.ArgumentParser, steps_help: str) -> None:
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--ts", default=None, help="schedule as ascending indices into the grid, e.g. 0,22,39")
+    p.add_argument("--grid", type=int, default=None, help="grid points of --ts / --steps (default 40)")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate images: one step, multistep, or Heun for EDM teachers",
+        description="Sample N images and write OUT/samples.npz (the reference's format: arr_0 uint8 NHWC, arr_1 "
+        "labels for class-conditional models) and OUT/grid.png. A seed gives the same images whatever --batch.",
+    )
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint path (.pt, .safetensors, diffusers folder) or preset name (cd_imagenet64_l2, ...)")
+    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--batch", type=int, default=16, help="images per network call")
+    p.add_argument("--class-labels", default=None, help="comma-separated labels, cycled (default: random per sample)")
+    _schedule_options(p, "network calls for consistency models (default 1; 2 uses the tuned schedule where the "
+                         "checkpoint has one); grid points of Heun for EDM teachers (default 40)")
+    _model_options(p)
+    p.set_defaults(func=_run("run_sample"))
+
+
+def _add_edit(sub) -> None:
+    p = sub.add_parser(
+        "edit",
+        help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate",
+        description="Edit an image with a consistency model (paper Algorithm 4) and write OUT/TASK.png and "
+        "OUT/TASK_before_after.png. The image must have the model's size (superres: also size / factor). "
+        "By default the schedule visits every point of a 40-point grid, as the paper's editing runs do.",
+    )
+    p.add_argument("task", choices=["inpaint", "colorize", "superres", "stroke", "denoise", "interpolate"])
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint path or preset name")
+    p.add_argument("--image", default=None, help="input image file (all tasks but interpolate)")
+    p.add_argument("--mask", default="box",
+                   help="inpaint: box, left-half, right-half, top-half, bottom-half, glyph:TEXT, or a mask image "
+                        "(white = keep)")
+    p.add_argument("--factor", type=int, default=8, help="superres: upscaling factor (patch size)")
+    p.add_argument("--sigma", type=float, default=10.0,
+                   help="stroke: starting noise level (< 80); denoise: the image's noise level")
+    p.add_argument("--add-noise", action="store_true", help="denoise: add noise of level --sigma to the image first")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: number of frames")
+    p.add_argument("--class-label", type=int, default=None, help="class for class-conditional models")
+    _schedule_options(p, "network calls (default: every grid index)")
+    _model_options(p)
+    p.set_defaults(func=_run("run_edit"))
+
+
+def _run(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from . import commands
+        from .models import CheckpointError
+
+        try:
+            return getattr(commands, name)(args)
+        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+            print(f"cmfast {args.command}: {e}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,9 @@ with cmfast.use_backend("cpu"):
 want = torch.empty_like(x)
 C.reference_epilogue(x, f, sigma, 0.5, 0.002, True, want)
 assert (out - want).abs().max() <= 1e-6 * want.abs().max(), "CPU kernel disagrees with the reference"
+from cmfast.models import PRESETS, UNet  # the subpackages made it into the wheel
+model = UNet(PRESETS["test_lsun"].unet).eval()
+assert cmfast.Denoiser(model)(torch.randn(2, 3, 16, 16), 80.0).shape == (2, 3, 16, 16)
 print("wheel OK:", cmfast.__file__)
 PY
 "$tmp/venv/bin/cmfast" info

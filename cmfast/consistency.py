@@ -1,0 +1,36 @@
+"""The consistency function f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, 250 ln sigma, y)
+(SPEC.md section 3), and the EDM teacher's denoiser D(x, sigma) (the same without the sigma_min shift), as a thin
+wrapper around the raw network; the `consistency` op computes the scalings on either side of the network."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+KINDS = ("consistency", "edm")
+
+
+class Denoiser:
+    """Callable (x, sigma, y=None, clamp=False) -> denoised x.
+
+    unet: any callable with the reference's signature (x, timesteps, y) -> raw output, e.g. cmfast.UNet.
+    kind: "consistency" (CD/CT models: f(x, sigma_min) = x) or "edm" (EDM teachers).
+    sigma: one number or a (batch,) tensor. x keeps its dtype; the scalings are computed in fp32.
+    """
+
+    def __init__(self, unet, kind: str = "consistency", sigma_min: float = 0.002, sigma_data: float = 0.5):
+        if not callable(unet):
+            raise TypeError(f"unet: expected a callable (x, timesteps, y) -> output, got {type(unet).__name__}")
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        self.unet, self.kind, self.sigma_min, self.sigma_data = unet, kind, float(sigma_min), float(sigma_data)
+
+    def __call__(self, x: torch.Tensor, sigma, y: torch.Tensor | None = None, clamp: bool = False) -> torch.Tensor:
+        x_in, t_in = ops.consistency_prologue(x, sigma, sigma_data=self.sigma_data)
+        out = self.unet(x_in, t_in, y)
+        return ops.consistency_epilogue(x, out, sigma, sigma_data=self.sigma_data, sigma_min=self.sigma_min,
+                                        kind=self.kind, clamp=clamp)
+
+    def __repr__(self) -> str:
+        return f"Denoiser({type(self.unet).__name__}, kind={self.kind!r}, sigma_min={self.sigma_min})"

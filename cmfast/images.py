@@ -1,0 +1,90 @@
+"""Image files: [-1, 1] tensors <-> uint8 (the reference's conversion), PNG grids, the reference's NPZ, and
+atomic writing (a file appears complete or not at all; an existing one is kept unless overwriting is asked)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8: ((x + 1) * 127.5) clamped to [0, 255] and truncated."""
+    return ((x.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(a: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) or (H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    t = torch.from_numpy(np.array(a, dtype=np.float32))
+    t = t[None] if t.dim() == 3 else t
+    return t.permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """(B, H, W, 3) uint8 tiled into one (rows x columns) image with `pad` pixels of white between tiles."""
+    b, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / columns)
+    out = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return out
+
+
+def load_image(path, size: int | None = None) -> torch.Tensor:
+    """An image file as (1, 3, H, W) in [-1, 1], resized (bicubic) to size x size when given."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image: no such file {path}")
+    img = Image.open(path).convert("RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return from_uint8(np.asarray(img))
+
+
+def check_writable(paths, overwrite: bool) -> None:
+    """Refuse before any work starts if an output exists and overwriting was not asked for."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"output exists: {', '.join(existing)} (use --force to overwrite)")
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yields a temporary path beside `path`; renames it to `path` when the block succeeds, deletes it if not."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_png(path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def save_npz(path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """The reference's sample file: arr_0 uint8 NHWC, arr_1 the class labels (class-conditional models)."""
+    arrays = [images] if labels is None else [images, labels]
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *arrays)

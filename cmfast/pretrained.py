@@ -1,0 +1,55 @@
+"""Finding a model by name or path for the commands: the released checkpoints by preset name (from a local
+folder: openai's files are not downloaded by cmfast), or any checkpoint file or diffusers folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .consistency import Denoiser
+from .models import PRESETS, UNet, load
+
+RELEASES = "https://github.com/openai/consistency_models (README: checkpoints)"
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Where preset names are looked up: $CMFAST_CHECKPOINTS (os.pathsep-separated), then ~/.cache/cmfast/checkpoints."""
+    dirs = [Path(p) for p in os.environ.get("CMFAST_CHECKPOINTS", "").split(os.pathsep) if p]
+    return dirs + [Path.home() / ".cache" / "cmfast" / "checkpoints"]
+
+
+@dataclass
+class Model:
+    name: str  # preset name, or the file's stem
+    unet: UNet
+    kind: str  # "consistency" or "edm"
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.unet, kind=self.kind)
+
+
+def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None = None) -> Model:
+    """A checkpoint path (.pt, .safetensors, diffusers folder) or a preset name whose file is in checkpoint_dirs()."""
+    if name_or_path is None:
+        raise ValueError("checkpoint: none given; pass a checkpoint path or a preset name "
+                         f"({', '.join(n for n in PRESETS if not n.startswith('test'))})")
+    path = Path(name_or_path)
+    if path.exists():
+        name = path.stem if path.is_file() else path.name
+        preset = PRESETS.get(name)
+        unet = load(path, config=None, device=device, dtype=dtype)
+        return Model(name, unet, kind or (preset.kind if preset else "consistency"))
+    if name_or_path in PRESETS:
+        tried = []
+        for folder in checkpoint_dirs():
+            for candidate in (folder / f"{name_or_path}.pt", folder / f"{name_or_path}.safetensors",
+                              folder / name_or_path):
+                tried.append(str(candidate))
+                if candidate.exists():
+                    unet = load(candidate, config=name_or_path, device=device, dtype=dtype)
+                    return Model(name_or_path, unet, kind or PRESETS[name_or_path].kind)
+        raise FileNotFoundError(f"checkpoint: {name_or_path} is a known preset but its weights are not here; "
+                                f"download {name_or_path}.pt from {RELEASES} into one of: {', '.join(tried[::3])}")
+    raise FileNotFoundError(f"checkpoint: {name_or_path!r} is neither a file or folder nor a preset name")
