@@ -1,0 +1,107 @@
+"""The sample and edit commands end to end on a tiny checkpoint: files in the reference's formats, batch-size
+invariance, and clear errors that leave no file behind."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import randomize_
+
+import cmfast
+from cmfast.cli import main
+from cmfast.models import PRESETS, UNet
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return str(cmfast.save(randomize_(UNet(PRESETS["test_imagenet"].unet), torch.Generator().manual_seed(5)), path))
+
+
+def npz(folder):
+    with np.load(folder / "samples.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_sample_writes_the_reference_format(checkpoint, tmp_path):
+    assert main(["sample", checkpoint, "--num", "5", "--batch", "2", "--seed", "3", "--ts", "0,22,39",
+                 "--out", str(tmp_path / "a")]) == 0
+    arrays = npz(tmp_path / "a")
+    assert sorted(arrays) == ["arr_0", "arr_1"]
+    assert arrays["arr_0"].shape == (5, 16, 16, 3) and arrays["arr_0"].dtype == np.uint8
+    assert arrays["arr_1"].shape == (5,) and arrays["arr_1"].dtype == np.int64
+    assert arrays["arr_0"].std() > 0
+    with Image.open(tmp_path / "a" / "grid.png") as img:
+        assert img.mode == "RGB" and img.size[0] > 16
+
+
+def test_sample_is_batch_size_invariant(checkpoint, tmp_path):
+    for batch in ("2", "5"):
+        assert main(["sample", checkpoint, "--num", "5", "--batch", batch, "--seed", "11", "--steps", "2",
+                     "--out", str(tmp_path / batch)]) == 0
+    a, b = npz(tmp_path / "2"), npz(tmp_path / "5")
+    assert np.array_equal(a["arr_1"], b["arr_1"])
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # same images, up to rounding
+
+
+def test_sample_with_given_labels(checkpoint, tmp_path):
+    assert main(["sample", checkpoint, "--num", "4", "--class-labels", "1,2", "--out", str(tmp_path / "l")]) == 0
+    assert npz(tmp_path / "l")["arr_1"].tolist() == [1, 2, 1, 2]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("task, extra", [("inpaint", ["--mask", "glyph:S"]), ("colorize", []),
+                                         ("superres", ["--factor", "4"]), ("stroke", []),
+                                         ("denoise", ["--add-noise", "--sigma", "0.5"]), ("interpolate", [])])
+def test_edit_tasks(checkpoint, image_file, tmp_path, task, extra):
+    out = tmp_path / "out"
+    assert main(["edit", task, checkpoint, "--image", image_file, "--steps", "2", "--out", str(out), *extra]) == 0
+    for name in (f"{task}.png", f"{task}_before_after.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] >= 16
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "{ckpt}", "--ts", "0,22,10"], "strictly ascending"),
+        (["sample", "{ckpt}", "--ts", "0,22,40"], r"in \[0, 39\]"),
+        (["sample", "{ckpt}", "--class-labels", "3,10"], r"labels must lie in \[0, 10\)"),
+        (["sample", "{ckpt}", "--steps", "2", "--ts", "0,39"], "one or the other"),
+        (["sample", "{ckpt}", "--num", "0"], "positive counts"),
+        (["sample", "nope.pt"], "neither a file or folder nor a preset"),
+        (["sample", "cd_imagenet64_l2"], "weights are not here"),
+        (["edit", "inpaint", "{ckpt}", "--image", "{small}"], "expected a square image of 16 px"),
+        (["edit", "inpaint", "{ckpt}", "--image", "{image}", "--mask", "{missing}"], "no such file"),
+        (["edit", "colorize", "{ckpt}"], "needs an input image"),
+    ],
+)
+def test_bad_input_leaves_nothing(checkpoint, image_file, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("CMFAST_CHECKPOINTS", str(tmp_path / "none"))
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(small)
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=checkpoint, image=image_file, small=small, missing=tmp_path / "m.png") for a in argv]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_existing_output_is_kept(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", checkpoint, "--num", "2", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["sample", checkpoint, "--num", "3", "--seed", "1", "--out", str(out)]) == 2
+    assert "output exists" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["sample", checkpoint, "--num", "3", "--seed", "1", "--out", str(out), "--force"]) == 0
+    assert npz(out)["arr_0"].shape[0] == 3
