@@ -1,6 +1,9 @@
 """Which implementation of an op runs: backend availability, preference order, and forcing.
 
-Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU tensors) > reference.
+Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU tensors) > torch (torch's own
+fused kernels on strided views, where an op has such a path) > reference (plain PyTorch, the ground truth).
+Which backends an op has is found, not declared: compiled kernels registered in cmfast._C, a Triton module
+cmfast/triton/<op>.py, and the Python paths the op module lists (`implemented`).
 Force one with the environment variable CMFAST_BACKEND=<name> or `with cmfast.use_backend(name):`
 (the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
 and benchmarks measure what they name. Triton runs on CPU tensors only when forced and TRITON_INTERPRET=1
@@ -19,7 +22,7 @@ import torch
 
 from ._extension import status as extension
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("cmfast_backend", default=None)
 
 
@@ -66,6 +69,8 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
     is_cuda = device.type == "cuda"
     if backend == "reference":
         return True, "pure PyTorch, runs everywhere"
+    if backend == "torch":
+        return True, "torch's fused kernels on strided views"
     if backend == "cuda":
         if not is_cuda:
             return False, f"CUDA kernels need CUDA tensors, not {device.type}"
@@ -88,6 +93,19 @@ def availability(backend: str, device: torch.device) -> tuple[bool, str]:
             return True, "Triton CPU interpreter (TRITON_INTERPRET=1), only when forced"
         return False, f"Triton needs a GPU for {device.type} tensors (or TRITON_INTERPRET=1 and forcing)"
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def implemented(kernel: str, triton_module: str, python: tuple[str, ...] = ("reference",)) -> tuple[str, ...]:
+    """The backends that have code for an op: `kernel` registered in cmfast_C (CPU / CUDA dispatch keys), the
+    module cmfast.triton.<triton_module>, and the Python backends `python`."""
+    found = set(python)
+    if extension.loaded and hasattr(torch.ops.cmfast_C, kernel):
+        for name, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"cmfast_C::{kernel}", key):
+                found.add(name)
+    if importlib.util.find_spec(f"cmfast.triton.{triton_module}") is not None:
+        found.add("triton")
+    return tuple(name for name in BACKENDS if name in found)
 
 
 def choose(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:

@@ -37,14 +37,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The backends that can serve each device type (cuda kernels never take CPU tensors, nor cpu ones CUDA tensors).
-DEVICE_BACKENDS = {"cpu": ("cpu", "triton", "reference"), "cuda": ("cuda", "triton", "reference")}
+DEVICE_BACKENDS = {"cpu": ("cpu", "triton", "torch", "reference"), "cuda": ("cuda", "triton", "torch", "reference")}
 
 
-def backend_params() -> list:
-    """(device, backend) pytest params: CUDA ones marked gpu; CPU ones that cannot run here skipped with why."""
+def backend_params(implemented) -> list:
+    """(device, backend) pytest params for the backends an op `implemented`: CUDA ones marked gpu; CPU ones that
+    cannot run here skipped with the reason."""
     params = []
     for device, names in DEVICE_BACKENDS.items():
-        for name in names:
+        for name in (n for n in names if n in implemented):
             marks = [pytest.mark.gpu] if device == "cuda" else []
             ok, why = backends.availability(name, torch.device(device))
             if device == "cpu" and not ok:

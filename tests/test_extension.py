@@ -33,6 +33,12 @@ def test_extension_is_current_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cmfast_C::{name}", "CUDA") == info["cuda"]
 
 
+@pytest.mark.gpu
+def test_a_gpu_install_has_the_cuda_kernels():
+    assert cmfast.extension.cuda, cmfast.extension.reason
+    assert "cuda" in cmfast.ops.IMPLEMENTED["consistency"]
+
+
 def test_stale_extension_is_refused(monkeypatch):
     if not cmfast.extension.loaded:
         pytest.skip("needs a built cmfast._C")
@@ -51,7 +57,7 @@ x = torch.randn(2, 3, 4, 4)
 out = cmfast.ops.consistency_epilogue(x, x, torch.tensor([0.002, 80.0]))
 assert torch.equal(out[0], x[0])
 from cmfast import backends
-print("BACKEND", backends.choose(torch.device("cpu")))
+print("BACKEND", backends.choose(torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"]))
 print("WARNINGS", len([w for w in caught if "cmfast" in str(w.message)]))
 """
 
@@ -81,15 +87,16 @@ def test_info_tells_the_truth(capsys):
         assert f"CUDA part: {'yes' if cmfast.extension.cuda else 'no'}" in text
     else:
         assert f"cmfast._C: off ({cmfast.extension.reason})" in text
-    assert f"    consistency  -> {backends.choose(torch.device('cpu')):<10} (kernels: cuda, triton, cpu, reference)" in text
-    assert "    group_norm   -> reference  (kernels: reference)" in text
+    kernels = ", ".join(cmfast.ops.IMPLEMENTED["consistency"])
+    chosen = backends.choose(torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"])
+    assert f"    consistency  -> {chosen:<10} (kernels: {kernels})" in text
 
 
 def test_info_without_extension():
     result = run_python("from cmfast.cli import main; main(['info'])", CMFAST_NO_EXTENSION="1")
     assert result.returncode == 0, result.stderr
     assert "cmfast._C: off (disabled by CMFAST_NO_EXTENSION=1)" in result.stdout
-    assert "    consistency  -> reference  (kernels: cuda, triton, cpu, reference)" in result.stdout
+    assert "    consistency  -> reference  (kernels: triton, reference)" in result.stdout
     assert "    cpu        off: disabled by CMFAST_NO_EXTENSION=1" in result.stdout
 
 

@@ -4,7 +4,9 @@ qkv: (batch, 3 * C, *spatial) as the checkpoint's qkv 1x1 conv produces it, chan
 s in (q, k, v), h the head, D = C // num_heads. Tokens are the T = prod(spatial) positions. Output:
 (batch, C, *spatial), channel = h * D + d (what proj_out consumes), in qkv's memory layout (channels_last in,
 channels_last out). Softmax scale 1/sqrt(D), no mask; softmax and accumulation in fp32.
-Kernels: issue 5; until then the reference.
+
+Kernel contract (every backend): fill `out` from `qkv`, both either contiguous or 4-d channels_last (the op
+makes them so); read them through their strides (batch, channel, token), never through copies.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from .. import backends
 from ._common import check_tensor
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = backends.implemented("attention", "attention", python=("torch", "reference"))
 
 
 def heads_view(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -49,12 +51,34 @@ def reference_attention(qkv, num_heads, out):
     out_heads_view(out, num_heads).copy_(weights @ v)
 
 
+def torch_attention(qkv, num_heads, out):
+    """torch's scaled_dot_product_attention on strided views: no transposes or copies of its own here (torch
+    copies inside if its kernel needs a unit stride along the head dimension)."""
+    q, k, v = heads_view(qkv, num_heads).unbind(0)
+    out_heads_view(out, num_heads).copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
 def _impl(backend: str):
-    return reference_attention
+    if backend == "reference":
+        return reference_attention
+    if backend == "torch":
+        return torch_attention
+    if backend == "triton":
+        from ..triton.attention import attention as triton_attention
+
+        return triton_attention
+    return torch.ops.cmfast_C.attention
+
+
+def kernel_layout(qkv: torch.Tensor) -> torch.Tensor:
+    if qkv.dim() == 4 and qkv.is_contiguous(memory_format=torch.channels_last):
+        return qkv
+    return qkv.contiguous()
 
 
 @torch.library.custom_op("cmfast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    qkv = kernel_layout(qkv)
     out = output_like(qkv)
     _impl(backends.choose(qkv.device, IMPLEMENTED))(qkv, num_heads, out)
     return out
@@ -62,7 +86,7 @@ def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 @_attention_op.register_fake
 def _(qkv, num_heads):
-    return output_like(qkv)
+    return output_like(kernel_layout(qkv))
 
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

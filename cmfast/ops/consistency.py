@@ -23,7 +23,7 @@ from ._common import (
 )
 
 KINDS = ("consistency", "edm")
-IMPLEMENTED = backends.BACKENDS  # every backend has kernels for this op
+IMPLEMENTED = backends.implemented("consistency_epilogue", "consistency")
 
 
 # ---- pure-PyTorch reference: the ground truth of the tests -------------------------------------------------

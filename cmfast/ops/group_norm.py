@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._common import check_same_device, check_tensor, output_like
+from ._common import check_same_device, check_tensor
 
-IMPLEMENTED = ("reference",)
+IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 
 
 def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
@@ -31,7 +31,24 @@ def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, o
 
 
 def _impl(backend: str):
-    return reference_group_norm
+    if backend == "reference":
+        return reference_group_norm
+    if backend == "triton":
+        from ..triton.group_norm import group_norm as triton_group_norm
+
+        return triton_group_norm
+    return torch.ops.cmfast_C.group_norm  # "cpu" and "cuda": the dispatcher picks the kernel
+
+
+def kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: contiguous, or channels_last when it already is (4-d)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
 
 
 @torch.library.custom_op("cmfast::group_norm", mutates_args=())
@@ -45,14 +62,16 @@ def _group_norm_op(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    out = output_like(x)
-    _impl(backends.choose(x.device, IMPLEMENTED))(x, weight, bias, scale, shift, num_groups, eps, silu, out)
+    x = kernel_layout(x)
+    out = torch.empty_like(x)
+    kernel = _impl(backends.choose(x.device, IMPLEMENTED))
+    kernel(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
     return out
 
 
 @_group_norm_op.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, silu):
-    return output_like(x)
+    return torch.empty_like(kernel_layout(x))
 
 
 def group_norm(
