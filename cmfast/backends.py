@@ -4,8 +4,8 @@ Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU 
 fused kernels on strided views, where an op has such a path) > reference (plain PyTorch, the ground truth).
 Which backends an op has is found, not declared: compiled kernels registered in cmfast._C, a Triton module
 cmfast/triton/<op>.py, and the Python paths the op module lists (`implemented`).
-Force one with the environment variable CMFAST_BACKEND=<name> or `with cmfast.use_backend(name):`
-(the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
+Force one with the environment variable CMFAST_BACKEND=<name> (or per op: group_norm=cpu,attention=torch) or
+`with cmfast.use_backend(name or {op: name}):` (the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
 and benchmarks measure what they name. Triton runs on CPU tensors only when forced and TRITON_INTERPRET=1
 was set before triton was first imported (its CPU interpreter, for tests).
 """
@@ -23,7 +23,7 @@ import torch
 from ._extension import status as extension
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("cmfast_backend", default=None)
+_forced: contextvars.ContextVar[str | dict | None] = contextvars.ContextVar("cmfast_backend", default=None)
 
 
 def _check_name(name: str) -> str:
@@ -32,20 +32,33 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _parse(spec: str | dict) -> str | dict:
+    """A backend name for every op, or per op: {"group_norm": "cpu", ...} or "group_norm=cpu,attention=torch"."""
+    if isinstance(spec, str) and "=" in spec:
+        spec = dict(item.split("=", 1) for item in spec.split(",") if item)
+    if isinstance(spec, dict):
+        return {op.strip(): _check_name(name.strip()) for op, name in spec.items()}
+    return _check_name(spec)
+
+
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Run every cmfast op inside the block on backend `name` (an error where it cannot run)."""
-    token = _forced.set(_check_name(name))
+def use_backend(spec: str | dict):
+    """Run the cmfast ops inside the block on backend `spec` (a name for every op, or a mapping op -> name);
+    a forced backend that cannot run raises instead of falling back."""
+    token = _forced.set(_parse(spec))
     try:
         yield
     finally:
         _forced.reset(token)
 
 
-def forced() -> str | None:
-    """The backend forced by use_backend() or CMFAST_BACKEND, else None."""
-    name = _forced.get() or os.environ.get("CMFAST_BACKEND") or None
-    return _check_name(name) if name else None
+def forced(op: str | None = None) -> str | None:
+    """The backend forced for `op` by use_backend() or CMFAST_BACKEND, else None."""
+    spec = _forced.get() or os.environ.get("CMFAST_BACKEND") or None
+    if spec is None:
+        return None
+    spec = _parse(spec)
+    return spec.get(op) if isinstance(spec, dict) else spec
 
 
 @functools.cache
@@ -108,13 +121,13 @@ def implemented(kernel: str, triton_module: str, python: tuple[str, ...] = ("ref
     return tuple(name for name in BACKENDS if name in found)
 
 
-def choose(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
-    """The backend an op runs on for tensors on `device`, among the backends the op `implemented`."""
-    name = forced()
+def choose(op: str, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend `op` runs on for tensors on `device`, among the backends it `implemented`."""
+    name = forced(op)
     if name is not None:
-        ok, why = availability(name, device) if name in implemented else (False, "the op has no such kernel yet")
+        ok, why = availability(name, device) if name in implemented else (False, f"{op} has no {name} kernels")
         if not ok:
-            raise RuntimeError(f"backend {name!r} was forced but cannot run on {device}: {why}")
+            raise RuntimeError(f"backend {name!r} was forced for {op} but cannot run on {device}: {why}")
         return name
     for name in BACKENDS:
         if name not in implemented or (name == "triton" and device.type != "cuda"):

@@ -42,9 +42,9 @@ def report() -> str:
         lines.append(f"cmfast._C: loaded; CPU part: yes ({info['cpu_flags']} flags); CUDA part: {cuda}")
     else:
         lines.append(f"cmfast._C: off ({extension.reason})")
-    forced = backends.forced()
+    forced = {op: backends.forced(op) for op in IMPLEMENTED if backends.forced(op)}
     if forced:
-        lines.append(f"forced backend: {forced}")
+        lines.append("forced backends: " + ", ".join(f"{op}={name}" for op, name in forced.items()))
     lines.append("backends (preference: " + " > ".join(backends.BACKENDS) + "):")
     for device in _devices():
         lines.append(f"  on {device}:")
@@ -53,7 +53,7 @@ def report() -> str:
             lines.append(f"    {name:<10} {'available' if ok else 'off'}: {reason}")
         for op, implemented in IMPLEMENTED.items():
             try:
-                chosen = backends.choose(device, implemented)
+                chosen = backends.choose(op, device, implemented)
             except RuntimeError as e:  # a forced backend that cannot run here
                 chosen = f"none ({e})"
             lines.append(f"    {op:<12} -> {chosen:<10} (kernels: {', '.join(implemented)})")

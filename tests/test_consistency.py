@@ -212,7 +212,7 @@ def test_bad_input(call, error, names, gen):
 
 def test_forcing_a_backend_that_cannot_run(gen):
     x, f, sigma = inputs((2, 3, 4, 4), torch.float32, "cpu", gen)
-    with pytest.raises(RuntimeError, match="'cuda' was forced but cannot run on cpu"):
+    with pytest.raises(RuntimeError, match="'cuda' was forced for consistency but cannot run on cpu"):
         with cmfast.use_backend("cuda"):
             ops.consistency_epilogue(x, f, sigma)
     with pytest.raises(ValueError, match="backend: expected one of"):

@@ -57,7 +57,7 @@ x = torch.randn(2, 3, 4, 4)
 out = cmfast.ops.consistency_epilogue(x, x, torch.tensor([0.002, 80.0]))
 assert torch.equal(out[0], x[0])
 from cmfast import backends
-print("BACKEND", backends.choose(torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"]))
+print("BACKEND", backends.choose("consistency", torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"]))
 print("WARNINGS", len([w for w in caught if "cmfast" in str(w.message)]))
 """
 
@@ -88,7 +88,7 @@ def test_info_tells_the_truth(capsys):
     else:
         assert f"cmfast._C: off ({cmfast.extension.reason})" in text
     kernels = ", ".join(cmfast.ops.IMPLEMENTED["consistency"])
-    chosen = backends.choose(torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"])
+    chosen = backends.choose("consistency", torch.device("cpu"), cmfast.ops.IMPLEMENTED["consistency"])
     assert f"    consistency  -> {chosen:<10} (kernels: {kernels})" in text
 
 
@@ -102,9 +102,11 @@ def test_info_without_extension():
 
 def test_env_var_forces_backend():
     result = run_python(
-        "import torch, cmfast.backends as b; print(b.choose(torch.device('cpu')))", CMFAST_BACKEND="reference"
+        "import torch, cmfast.backends as b; print(b.choose('consistency', torch.device('cpu')),"
+        " b.choose('attention', torch.device('cpu')))",
+        CMFAST_BACKEND="consistency=reference,attention=torch",
     )
-    assert result.stdout.strip() == "reference", result.stderr
+    assert result.stdout.strip() == "reference torch", result.stderr
 
 
 def test_cli_help():

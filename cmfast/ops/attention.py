@@ -80,7 +80,7 @@ def kernel_layout(qkv: torch.Tensor) -> torch.Tensor:
 def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     qkv = kernel_layout(qkv)
     out = output_like(qkv)
-    _impl(backends.choose(qkv.device, IMPLEMENTED))(qkv, num_heads, out)
+    _impl(backends.choose("attention", qkv.device, IMPLEMENTED))(qkv, num_heads, out)
     return out
 
 

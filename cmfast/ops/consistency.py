@@ -94,7 +94,8 @@ def _epilogue_op(
     x = laid_out_like(x, out)
     model_output = laid_out_like(model_output, out)
     sigma = sigma.to(torch.float32).contiguous()
-    _epilogue_impl(backends.choose(x.device, IMPLEMENTED))(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
+    kernel = _epilogue_impl(backends.choose("consistency", x.device, IMPLEMENTED))
+    kernel(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
     return out
 
 
@@ -109,7 +110,7 @@ def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tup
     x = laid_out_like(x, out)
     sigma = sigma.to(torch.float32).contiguous()
     t_in = torch.empty(sigma.shape, dtype=torch.float32, device=x.device)
-    _prologue_impl(backends.choose(x.device, IMPLEMENTED))(x, sigma, sigma_data, out, t_in)
+    _prologue_impl(backends.choose("consistency", x.device, IMPLEMENTED))(x, sigma, sigma_data, out, t_in)
     return out, t_in
 
 

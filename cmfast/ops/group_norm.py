@@ -64,7 +64,7 @@ def _group_norm_op(
 ) -> torch.Tensor:
     x = kernel_layout(x)
     out = torch.empty_like(x)
-    kernel = _impl(backends.choose(x.device, IMPLEMENTED))
+    kernel = _impl(backends.choose("group_norm", x.device, IMPLEMENTED))
     kernel(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
     return out
 
