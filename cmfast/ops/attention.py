@@ -46,7 +46,7 @@ def out_heads_view(out: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def reference_attention(qkv, num_heads, out):
-    q, k, v = heads_view(qkv, num_heads).float().unbind(0)
+    q, k, v = heads_view(qkv, num_heads).to(torch.promote_types(qkv.dtype, torch.float32)).unbind(0)
     weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
     out_heads_view(out, num_heads).copy_(weights @ v)
 

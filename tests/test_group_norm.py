@@ -1,0 +1,109 @@
+"""The group_norm op (GroupNorm + optional scale/shift + SiLU): every backend against the reference over the
+real ADM shapes (reduced for Triton's interpreter) and the edge cases; layouts; bad input."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from checks import assert_matches
+from conftest import backend_params
+
+import cmfast
+from cmfast import ops
+G = importlib.import_module("cmfast.ops.group_norm")  # the module; cmfast.ops.group_norm is the function
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (batch, C, H, W): the ADM widths and resolutions, then the edge cases.
+REAL = [(2, 192, 64, 64), (2, 384, 32, 32), (1, 576, 16, 16), (4, 768, 8, 8), (1, 768, 32, 32)]
+EDGE = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (1, 32, 3, 3), (2, 160, 16, 16)]  # C/32 = 2, 3, 3, 1, 5
+INTERPRETER = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (2, 192, 4, 4)]
+
+
+def shapes_for(device, backend):
+    return INTERPRETER if (backend == "triton" and device == "cpu") else REAL + EDGE
+
+
+def make(shape, dtype, device, gen, channels_last=False, affine=True, modulated=True):
+    b, c = shape[:2]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = {
+        "weight": 1 + 0.2 * torch.randn(c, generator=gen) if affine else None,
+        "bias": 0.2 * torch.randn(c, generator=gen) if affine else None,
+        "scale": 0.5 * torch.randn(b, c, generator=gen) if modulated else None,
+        "shift": 0.5 * torch.randn(b, c, generator=gen) if modulated else None,
+    }
+    return x.to(device), {k: None if v is None else v.to(device) for k, v in args.items()}
+
+
+def reference(x, args, silu):
+    out = torch.full_like(x, float("nan"))
+    G.reference_group_norm(x, args["weight"], args["bias"], args["scale"], args["shift"], 32, 1e-5, silu, out)
+    return out
+
+
+def test_reference_is_torchs_groupnorm_chain(gen):
+    x, args = make((2, 64, 6, 6), torch.float32, "cpu", gen)
+    want = F.silu(F.group_norm(x, 32, args["weight"], args["bias"], 1e-5) * (1 + args["scale"][..., None, None])
+                  + args["shift"][..., None, None])
+    assert_matches(reference(x, args, True), want)
+
+
+@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernels_match_reference(device, backend, dtype, layout, gen):
+    """Each shape with scale/shift + SiLU (ResBlock out_layers), plain + SiLU (in_layers), plain (attention)."""
+    for shape in shapes_for(device, backend):
+        for variant, (affine, modulated, silu) in enumerate([(True, True, True), (True, False, True),
+                                                             (True, False, False), (False, True, False)]):
+            x, args = make(shape, dtype, device, gen, layout == "channels_last", affine, modulated)
+            out = torch.full_like(x, float("nan"))  # poisoned: unwritten elements fail
+            f32 = {k: None if v is None else v.float().contiguous() for k, v in args.items()}
+            G._impl(backend)(x, f32["weight"], f32["bias"], f32["scale"], f32["shift"], 32, 1e-5, silu, out)
+            assert_matches(out, reference(x, args, silu), ulps=2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+@pytest.mark.parametrize("layout", ["strided_view", "channels_last", "three_dims"])
+def test_public_op_layouts(device, backend, layout, gen):
+    x, args = make((2, 64, 8, 10), torch.float32, device, gen)
+    if layout == "strided_view":
+        x = x[:, :, ::2, 1:]
+    elif layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        x = x.flatten(2)  # (batch, C, tokens)
+    with cmfast.use_backend({"group_norm": backend}):
+        out = ops.group_norm(x, **args, silu=True)
+    assert_matches(out.contiguous(), reference(x.contiguous(), args, True), rtol=1e-5)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_half_input_with_fp32_parameters(gen):
+    """The reference's fp16 mode: fp16 activations, fp32 GroupNorm parameters and embeddings."""
+    x, args = make((2, 64, 8, 8), torch.float16, "cpu", gen)
+    out = ops.group_norm(x, **args, silu=True)
+    assert out.dtype == torch.float16
+    assert_matches(out, reference(x, args, True), ulps=2, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, a: ((x[:, :48],), a), "^num_groups: expected a positive divisor of the 48"),
+        (lambda x, a: ((x,), {**a, "weight": a["weight"][:5]}), r"^weight: expected shape \(64,\)"),
+        (lambda x, a: ((x,), {**a, "scale": a["scale"][:1]}), r"^scale: expected shape \(2, 64\)"),
+        (lambda x, a: ((x.long(),), a), "^x: expected dtype"),
+        (lambda x, a: ((x[0, 0, 0],), a), "^x: expected at least 2"),
+        (lambda x, a: ((x,), {**a, "shift": a["shift"].to("meta")}), "^shift: expected device cpu"),
+    ],
+)
+def test_bad_input(change, message, gen):
+    x, args = make((2, 64, 4, 4), torch.float32, "cpu", gen)
+    pos, kw = change(x, args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.group_norm(*pos, **kw, silu=True)
