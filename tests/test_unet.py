@@ -131,3 +131,37 @@ def test_labels_given_to_an_unconditional_model(gen):
     x, t, _ = inputs(PRESETS["test_lsun"].unet, gen)
     with pytest.raises(ValueError, match="^y: this model is unconditional"):
         model(x, t, torch.zeros(3, dtype=torch.long))
+
+
+# ---- the whole U-Net on each backend that runs here ------------------------------------------------------------
+
+BACKEND_MIXES = {  # what runs each op; attention has no C++ kernel on the CPU (torch's SDPA on views serves it)
+    "reference": {"group_norm": "reference", "attention": "reference"},
+    "cpu": {"group_norm": "cpu", "attention": "torch"},
+    "triton": {"group_norm": "triton", "attention": "triton"},
+}
+
+
+def mix_params():
+    from cmfast import backends
+    from cmfast.ops import IMPLEMENTED
+
+    params = []
+    for name, mix in BACKEND_MIXES.items():
+        missing = [f"{op}={b}" for op, b in mix.items()
+                   if b not in IMPLEMENTED[op] or not backends.availability(b, torch.device("cpu"))[0]]
+        marks = [pytest.mark.skip(reason=f"not available here: {', '.join(missing)}")] if missing else []
+        params.append(pytest.param(name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("mix", mix_params())
+@pytest.mark.parametrize("name", TINY)
+def test_backends_match_diffusers(name, mix, gen):
+    ref, ours, config = pair(name, gen, channels_last=mix == "cpu")
+    x, t, y = inputs(config, gen, batch=2)
+    with torch.no_grad(), cmfast.use_backend(BACKEND_MIXES[mix]):
+        got = ours(x, t, y)
+    with torch.no_grad():
+        want = ref(x, t, class_labels=y).sample
+    assert rel_err(got, want) <= TOLERANCE["fp32"]
