@@ -77,3 +77,8 @@ def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.stride() == like.stride() and t.dtype == like.dtype:
         return t
     return torch.empty_like(like).copy_(t)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must see through the op (training): the ops' kernels have no backward, their references do."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import backends
-from ._common import check_tensor
+from ._common import check_tensor, needs_grad
 
 IMPLEMENTED = backends.implemented("attention", "attention", python=("torch", "reference"))
 
@@ -45,10 +45,16 @@ def out_heads_view(out: torch.Tensor, num_heads: int) -> torch.Tensor:
     return tokens.view(batch, num_heads, channels // num_heads, tokens.shape[-1]).transpose(2, 3)
 
 
-def reference_attention(qkv, num_heads, out):
+def attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The op in plain (differentiable) PyTorch: explicit softmax in fp32 (float64 stays float64)."""
     q, k, v = heads_view(qkv, num_heads).to(torch.promote_types(qkv.dtype, torch.float32)).unbind(0)
     weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-    out_heads_view(out, num_heads).copy_(weights @ v)
+    batch, three_c, *spatial = qkv.shape
+    return (weights @ v).transpose(2, 3).reshape(batch, three_c // 3, *spatial).to(qkv.dtype)
+
+
+def reference_attention(qkv, num_heads, out):
+    out.copy_(attention_reference(qkv, num_heads))
 
 
 def torch_attention(qkv, num_heads, out):
@@ -96,4 +102,6 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         raise ValueError(
             f"num_heads: expected a positive int dividing C = qkv.shape[1] / 3 = {qkv.shape[1] / 3:g}, got {num_heads!r}"
         )
+    if needs_grad(qkv):  # training: the differentiable reference
+        return attention_reference(qkv, num_heads)
     return torch.ops.cmfast.attention(qkv, num_heads)

@@ -18,6 +18,7 @@ from ._common import (
     check_tensor,
     f32,
     laid_out_like,
+    needs_grad,
     output_like,
     per_sample,
 )
@@ -48,16 +49,26 @@ def _per_sample_view(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
-def reference_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, out):
+def epilogue_reference(x, model_output, sigma, sigma_data, sigma_min, clamp) -> torch.Tensor:
+    """The epilogue in plain (differentiable) PyTorch, fp32 arithmetic, x's dtype out."""
     c_skip, c_out, _ = consistency_scalings(sigma, sigma_data, sigma_min)
     v = _per_sample_view(c_skip, x) * x.float() + _per_sample_view(c_out, x) * model_output.float()
-    out.copy_(v.clamp(-1.0, 1.0) if clamp else v)
+    return (v.clamp(-1.0, 1.0) if clamp else v).to(x.dtype)
+
+
+def prologue_reference(x, sigma, sigma_data) -> tuple[torch.Tensor, torch.Tensor]:
+    c_in = consistency_scalings(sigma, sigma_data, 0.0)[2]
+    return (_per_sample_view(c_in, x) * x.float()).to(x.dtype), time_input(sigma)
+
+
+def reference_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, out):
+    out.copy_(epilogue_reference(x, model_output, sigma, sigma_data, sigma_min, clamp))
 
 
 def reference_prologue(x, sigma, sigma_data, out, t_in):
-    c_in = consistency_scalings(sigma, sigma_data, 0.0)[2]
-    out.copy_(_per_sample_view(c_in, x) * x.float())
-    t_in.copy_(time_input(sigma))
+    x_in, t = prologue_reference(x, sigma, sigma_data)
+    out.copy_(x_in)
+    t_in.copy_(t)
 
 
 # ---- backends: each fills `out` (and `t_in`) from flat, identically laid-out inputs --------------------------
@@ -154,6 +165,8 @@ def consistency_epilogue(
     _check_constants(sigma_data, sigma_min)
     sigma = per_sample("sigma", sigma, x)
     shift = float(sigma_min) if kind == "consistency" else 0.0
+    if needs_grad(x, model_output, sigma):  # training: the differentiable reference
+        return epilogue_reference(x, model_output.to(x.dtype), sigma, float(sigma_data), shift, bool(clamp))
     return torch.ops.cmfast.consistency_epilogue(x, model_output, sigma, float(sigma_data), shift, bool(clamp))
 
 
@@ -162,6 +175,8 @@ def consistency_prologue(x: torch.Tensor, sigma, *, sigma_data: float = 0.5) -> 
     check_tensor("x", x, min_dim=1)
     _check_constants(sigma_data)
     sigma = per_sample("sigma", sigma, x)
+    if needs_grad(x, sigma):
+        return prologue_reference(x, sigma, float(sigma_data))
     return torch.ops.cmfast.consistency_prologue(x, sigma, float(sigma_data))
 
 

@@ -14,20 +14,26 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._common import check_same_device, check_tensor
+from ._common import check_same_device, check_tensor, needs_grad
 
 IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 
 
-def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
-    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+def group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
+    """The op in plain (differentiable) PyTorch, computed in fp32 (float64 stays float64), returned in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = F.group_norm(x.to(acc), num_groups, None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), eps)
     per_channel = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     if scale is not None:
-        y = y * (1.0 + scale.float().reshape(per_channel))
+        y = y * (1.0 + scale.to(acc).reshape(per_channel))
     if shift is not None:
-        y = y + shift.float().reshape(per_channel)
-    out.copy_(F.silu(y) if silu else y)
+        y = y + shift.to(acc).reshape(per_channel)
+    return (F.silu(y) if silu else y).to(x.dtype)
+
+
+def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
+    out.copy_(group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu))
 
 
 def _impl(backend: str):
@@ -100,4 +106,6 @@ def group_norm(
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    if needs_grad(x, weight, bias, scale, shift):  # training: the differentiable reference
+        return group_norm_reference(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
     return torch.ops.cmfast.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
