@@ -1,0 +1,150 @@
+"""A training run: the loop of cmfast.training's losses with Adam, an EMA of the weights, checkpoints written
+atomically every few hundred steps (the EMA weights as model.safetensors with openai key names, loadable by
+cmfast.load; the whole state as state.pt for resuming), and a progress bar with the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import training
+from .consistency import Denoiser
+from .images import atomic_file
+from .models import UNet, UNetConfig, load, save
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "ct"  # ct | cd (needs teacher) | edm (trains a teacher)
+    steps: int = 2000
+    batch: int = 128
+    lr: float = 2e-4
+    seed: int = 0
+    distance: str = "pseudo_huber"  # l2 | l1 | pseudo_huber (| lpips in the API, with your network)
+    n_schedule: str = "doubling"  # doubling (improved CT: s0 -> s1) | paper (N(k) of the paper, s0=2, s1=150)
+    s0: int = 10
+    s1: int = 1280
+    index_sampling: str = "lognormal"  # lognormal (improved CT) | uniform (paper)
+    weighting: str = "inverse_gap"  # inverse_gap: 1 / (t_{n+1} - t_n) (improved CT) | uniform
+    target: str = "online"  # online: stop-gradient of the online network (improved CT) | ema: mu(k) of the paper
+    mu0: float = 0.95
+    ema_decay: float = 0.995
+    checkpoint_every: int = 250
+    teacher: str | None = None  # CD: path of the EDM teacher's checkpoint
+
+    def __post_init__(self):
+        checks = {"method": training.METHODS, "distance": ("l2", "l1", "pseudo_huber"),
+                  "n_schedule": ("doubling", "paper"), "index_sampling": ("lognormal", "uniform"),
+                  "weighting": ("inverse_gap", "uniform"), "target": ("online", "ema")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.method == "cd" and not self.teacher:
+            raise ValueError("teacher: consistency distillation needs an EDM teacher checkpoint")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"steps, batch: expected positive, got {self.steps}, {self.batch}")
+
+    def n_points(self, step: int) -> int:
+        if self.n_schedule == "paper":
+            return training.paper_n(step, self.steps, self.s0, self.s1)
+        return training.doubling_n(step, self.steps, self.s0, self.s1)
+
+
+def reference_init_(unet: UNet) -> UNet:
+    """Zero the layers the reference zero-initialises (each ResBlock's last conv, attention proj_out, out.2)."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
+                module.weight.zero_()
+                module.bias.zero_()
+    return unet
+
+
+class Run:
+    """One training run in a folder; constructing it resumes from the folder's state.pt when there is one."""
+
+    def __init__(self, folder, config: TrainConfig, unet_config: UNetConfig, data_x, data_y):
+        self.folder, self.config = Path(folder), config
+        self.x, self.y = data_x, data_y
+        torch.manual_seed(config.seed)
+        self.model = reference_init_(UNet(unet_config)).train()
+        self.ema = UNet(unet_config).eval()
+        self.ema.load_state_dict(self.model.state_dict())
+        self.target = None
+        if config.target == "ema" and config.method != "edm":
+            self.target = UNet(unet_config).eval()
+            self.target.load_state_dict(self.model.state_dict())
+        self.teacher = Denoiser(load(config.teacher).eval(), kind="edm") if config.method == "cd" else None
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step = 0
+        state_file = self.folder / "state.pt"
+        if state_file.exists():
+            self._resume(torch.load(state_file, map_location="cpu", weights_only=True))
+
+    def _resume(self, state: dict) -> None:
+        saved = json.loads(state["config"])
+        if saved != dataclasses.asdict(self.config):
+            raise ValueError(f"config: {self.folder} holds a run with other settings ({saved}); use another folder")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"config": json.dumps(dataclasses.asdict(self.config)), "step": self.step,
+                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
+        if self.target is not None:
+            state["target"] = self.target.state_dict()
+        with atomic_file(self.folder / "state.pt") as tmp:
+            torch.save(state, tmp)
+        save(self.ema, self.folder / "model.safetensors", overwrite=True)
+
+    def loss(self, gen: torch.Generator) -> torch.Tensor:
+        c = self.config
+        idx = torch.randint(0, self.x.shape[0], (c.batch,), generator=gen)
+        x0, y = self.x[idx], (self.y[idx] if self.model.config.num_classes else None)
+        if c.method == "edm":
+            return training.edm_loss(Denoiser(self.model, kind="edm"), x0, y, gen)
+        levels = training.draw_levels(c.batch, c.n_points(self.step), gen,
+                                      lognormal=c.index_sampling == "lognormal", inverse_gap=c.weighting == "inverse_gap")
+        noise = torch.randn(x0.shape, generator=gen)
+        online = Denoiser(self.model)
+        target = online if self.target is None else Denoiser(self.target)
+        return training.consistency_loss(online, target, x0, y, levels, noise, c.distance, teacher=self.teacher)
+
+    def train(self, until: int | None = None, progress: bool = True) -> float:
+        """Train to step `until` (default: the configured total); returns the last loss."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        until = c.steps if until is None else min(until, c.steps)
+        last = float("nan")
+        with tqdm(total=until, initial=self.step, disable=not progress, desc=f"{c.method} training") as bar:
+            while self.step < until:
+                gen = training.step_generator(c.seed, self.step)
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout, if any
+                loss = self.loss(gen)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.target is not None:
+                    training.ema_update(self.target, self.model, training.paper_target_ema(self.step, c.steps, mu0=c.mu0))
+                training.ema_update(self.ema, self.model, c.ema_decay)
+                self.step += 1
+                last = loss.detach().item()
+                bar.set_postfix(loss=f"{last:.4f}", N=c.n_points(self.step - 1) if c.method != "edm" else "-")
+                bar.update(1)
+                if self.step % c.checkpoint_every == 0 or self.step == until:
+                    self.save()
+        return last
+
+
+__all__ = ["Run", "TrainConfig", "reference_init_"]

@@ -1,0 +1,109 @@
+"""Training: the schedules and distances at known values, one CT and one CD step lowering the loss, gradients
+through the ops, and a resumed run equal to an uninterrupted one."""
+
+import math
+
+import pytest
+import torch
+from reference_models import randomize_
+
+import cmfast
+from cmfast import training
+from cmfast.models import PRESETS, UNet
+from cmfast.trainer import Run, TrainConfig
+
+TINY = PRESETS["test_lsun"].unet.replace(num_res_blocks=1, image_size=8, channel_mult=(1, 2), attention_resolutions=(4,))
+
+
+def test_paper_schedules_at_known_values():
+    assert training.paper_n(0, 1000) == 2 and training.paper_n(1000, 1000) == 151
+    assert training.paper_target_ema(0, 1000) == pytest.approx(0.95)
+    assert training.paper_target_ema(1000, 1000) == pytest.approx(math.exp(2 * math.log(0.95) / 151))
+    ns = [training.paper_n(k, 1000) for k in range(0, 1001, 50)]
+    assert ns == sorted(ns)
+
+
+def test_doubling_schedule():
+    total = 800
+    ns = [training.doubling_n(k, total) for k in range(total)]
+    assert ns[0] == 11 and ns[-1] == 1281 and set(ns) == {11, 21, 41, 81, 161, 321, 641, 1281}
+
+
+def test_lognormal_index_probabilities():
+    sigmas = cmfast.karras_sigmas(200).flip(0)
+    p = training.lognormal_index_probs(sigmas)
+    assert p.sum().item() == pytest.approx(1.0) and (p >= 0).all()
+    log_mid = (sigmas[:-1] * sigmas[1:]).sqrt().log().double()
+    assert abs((p * log_mid).sum().item() - (-1.1)) < 0.3  # centred on P_mean in log sigma
+
+
+def test_distances_at_known_values():
+    a, b = torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    b[0] = 1.0
+    assert training.distance(a, b, "l2").tolist() == [1.0, 0.0]
+    assert training.distance(a, b, "l1").tolist() == [1.0, 0.0]
+    c = 0.00054 * 2
+    assert training.distance(a, b, "pseudo_huber").tolist() == pytest.approx([math.sqrt(4 + c * c) - c, 0.0])
+    with pytest.raises(ValueError, match="lpips needs"):
+        training.distance(a, b, "lpips")
+
+
+def _data(gen, n=16):
+    return torch.rand(n, 3, 8, 8, generator=gen) * 2 - 1, torch.zeros(n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("method", ["ct", "cd"])
+def test_one_step_lowers_the_loss(method, tmp_path, gen):
+    teacher = None
+    if method == "cd":
+        teacher = str(cmfast.save(randomize_(UNet(TINY), gen), tmp_path / "teacher.safetensors"))
+    x, y = _data(gen)
+    run = Run(tmp_path / "run", TrainConfig(method=method, steps=5, batch=16, lr=1e-4, teacher=teacher), TINY, x, y)
+    randomize_(run.model, gen)
+    losses = []
+    for _ in range(2):
+        loss = run.loss(training.step_generator(0, 0))  # the same batch, levels and noise both times
+        losses.append(loss.item())
+        run.optimizer.zero_grad()
+        loss.backward()
+        run.optimizer.step()
+    assert losses[1] < losses[0]
+
+
+def test_gradients_through_the_ops(gen):
+    """With autograd on, the ops run their differentiable references: the gradients are torch's own."""
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    x0, s0 = torch.randn(2, 64, 4, 4, generator=gen), torch.randn(2, 64, generator=gen)
+    weights = torch.randn(2, 64, 4, 4, generator=gen)
+    x, scale = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    (cmfast.ops.group_norm(x, w, b, scale=scale, silu=True) * weights).sum().backward()
+    x2, s2 = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x2, 32, w, b) * (1 + s2[..., None, None]))
+    (ref * weights).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(scale.grad, s2.grad, atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, gen):
+    x, y = _data(gen)
+    config = TrainConfig(steps=4, batch=8, checkpoint_every=2)
+    whole = Run(tmp_path / "whole", config, TINY, x, y)
+    whole.train(progress=False)
+    part = Run(tmp_path / "part", config, TINY, x, y)
+    part.train(until=2, progress=False)
+    resumed = Run(tmp_path / "part", config, TINY, x, y)  # a new process would do exactly this
+    assert resumed.step == 2
+    resumed.train(progress=False)
+    for a, b in zip(whole.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    loaded = cmfast.load(tmp_path / "part" / "model.safetensors")  # the checkpoint cmfast.load takes unchanged
+    for a, b in zip(loaded.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_run_refuses_other_settings(tmp_path, gen):
+    x, y = _data(gen)
+    Run(tmp_path / "r", TrainConfig(steps=2, batch=4), TINY, x, y).train(progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        Run(tmp_path / "r", TrainConfig(steps=2, batch=8), TINY, x, y)
+    with pytest.raises(ValueError, match="teacher"):
+        TrainConfig(method="cd")
