@@ -116,8 +116,9 @@ def run_edit(args: argparse.Namespace) -> int:
     den = model.denoiser
     kw = {"y": y, "generator": gens}
     if args.task == "interpolate":
-        z0 = sampling.randn((1, 3, size, size), sampling.generators_for(args.seed, [0]), device)
-        z1 = sampling.randn((1, 3, size, size), sampling.generators_for(args.seed, [1]), device)
+        shape = (1, model.unet.config.in_channels, size, size)
+        z0 = sampling.randn(shape, sampling.generators_for(args.seed, [0]), device)
+        z1 = sampling.randn(shape, sampling.generators_for(args.seed, [1]), device)
         frames = editing.interpolate(den, z0, z1, np.linspace(0, 1, args.frames), y=y)[:, 0]
         strip = images.grid(images.to_uint8(frames), columns=args.frames)
         images.save_png(result_png, strip)
@@ -126,7 +127,7 @@ def run_edit(args: argparse.Namespace) -> int:
         return 0
     if args.image is None:
         raise ValueError(f"--image: the {args.task} task needs an input image")
-    image = images.load_image(args.image).to(device)
+    image = images.load_image(args.image, channels=model.unet.config.in_channels).to(device)
     if args.task == "superres":
         _check_size("--image", image, (size, size // args.factor))
         low = image if image.shape[-1] != size else torch.nn.functional.avg_pool2d(image, args.factor)
@@ -139,8 +140,8 @@ def run_edit(args: argparse.Namespace) -> int:
             before = editing.Pixels(mask.expand_as(image)).erase(image)
             result = editing.inpaint(den, image, mask, consistency_levels(args, model, 39), **kw)
         elif args.task == "colorize":
-            before = editing.Luminance().erase(image)
             result = editing.colorize(den, image, consistency_levels(args, model, 39), **kw)
+            before = editing.Luminance().erase(image)
         elif args.task == "stroke":
             levels = schedules.karras_sigmas((args.steps or 2) + 1, sigma_max=args.sigma).tolist()[:-1]
             before = image
@@ -155,4 +156,97 @@ def run_edit(args: argparse.Namespace) -> int:
     images.save_png(result_png, images.to_uint8(result)[0])
     images.save_png(compare_png, images.grid(pair, columns=3))
     print(f"wrote {result_png} and {compare_png} (input as edited | original | result)")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train on the bundled digits (the recipe of the built-in model is `make digits-model`)."""
+    from . import digits
+    from .models import PRESETS
+    from .trainer import Run, TrainConfig
+
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(method=args.method, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                         distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every)
+    unet_config = PRESETS[args.model].unet
+    data = digits.load(unet_config.image_size)
+    run = Run(args.out, config, unet_config, data.train_x, data.train_y)
+    if run.step:
+        print(f"resuming {args.out} at step {run.step} of {config.steps}")
+    loss = run.train(until=args.until)
+    print(f"wrote {Path(args.out) / 'model.safetensors'} (EMA weights, step {run.step}, last loss {loss:.4f})")
+    return 0
+
+
+def digits_two_step(model: pretrained.Model) -> list[float]:
+    """The model's tuned two-step schedule, else the built-in digits model's."""
+    return schedules.two_step_sigmas(model.name if model.name in schedules.TWO_STEP else "digits").tolist()
+
+
+def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class samples of every class, each from its own seeded generator."""
+    n_classes = model.unet.config.num_classes
+    indices = range(n_classes * per_class)
+    gens = sampling.generators_for(seed, indices)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    c, size = model.unet.config.in_channels, model.unet.config.image_size
+    x = levels[0] * sampling.randn((len(indices), c, size, size), gens, "cpu")
+    return sampling.sample(model.denoiser, x, levels, y=labels, generator=gens), labels
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The digits model's quality: recognised share and Frechet distance, beside real digits and noise."""
+    from . import digits
+
+    model = pretrained.find(args.checkpoint)
+    if model.unet.config.num_classes != 10 or model.unet.config.image_size not in (8, 16, 32):
+        raise ValueError("checkpoint: evaluate scores class-conditional digits models (10 classes)")
+    data = digits.load(model.unet.config.image_size)
+    scorer = digits.Scorer(data)
+    n = min(args.num_per_class * 10, len(data.test_y))
+    noise = torch.rand(n, *data.test_x.shape[1:], generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
+    rows = [("held-out real digits", *scorer.score(data.test_x, data.test_y)),
+            ("real digits (train)", *scorer.score(data.train_x[:n], data.train_y[:n])),
+            ("uniform noise", *scorer.score(noise, data.test_y[:n]))]
+    for name, levels in (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model))):
+        images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)))
+        rows.append((name, *scorer.score(images_, labels)))
+    print(f"{'':<24}{'recognised as asked':>20}{'Frechet distance':>18}")
+    for name, acc, fd in rows:
+        print(f"{name:<24}{acc:>19.1%}{fd:>18.2f}")
+    print("(classifier: logistic regression on the real training digits; distance: 16-d PCA of them, to the "
+          f"{len(data.test_y)} held-out digits)")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """What the built-in model does, as PNG files: one image per class in one and two steps, an inpainting and a
+    denoising example (each input | as edited | result)."""
+    from . import digits
+
+    out = Path(args.out)
+    names = ["one_step.png", "two_step.png", "inpaint.png", "denoise.png"]
+    images.check_writable([out / n for n in names], args.force)
+    model = pretrained.find(args.checkpoint)
+    one, _ = digits_samples(model, 1, args.seed, [80.0])
+    two, _ = digits_samples(model, 1, args.seed, digits_two_step(model))
+    data = digits.load(model.unet.config.image_size)
+    real = torch.stack([data.test_x[data.test_y == c][0] for c in range(10)])
+    labels = torch.arange(10)
+    gens = sampling.generators_for(args.seed, range(10))
+    mask = masks.half(real.shape[-1], "top")
+    filled = editing.inpaint(model.denoiser, real, mask, consistency_levels(args, model, 39), y=labels, generator=gens)
+    noisy = real + 0.5 * sampling.randn(real.shape, gens, "cpu")
+    denoised = editing.denoise(model.denoiser, noisy, 0.5, y=labels)
+    erased = editing.Pixels(mask.expand_as(real)).erase(real)
+    outputs = {
+        "one_step.png": images.grid(images.to_uint8(one), columns=10),
+        "two_step.png": images.grid(images.to_uint8(two), columns=10),
+        "inpaint.png": images.grid(images.to_uint8(torch.cat([real, erased, filled])), columns=10),
+        "denoise.png": images.grid(images.to_uint8(torch.cat([real, noisy.clamp(-1, 1), denoised])), columns=10),
+    }
+    for name, image in outputs.items():
+        images.save_png(out / name, image)
+    print(f"wrote {', '.join(str(out / n) for n in names)}: rows are digits 0-9; the edits show "
+          "original | input | result")
     return 0

@@ -5,7 +5,7 @@ then puts the known coordinates of the reference image y back,
     x0 = A^T [ (A y) * known + (A f(x, t)) * (1 - known) ],
 and re-noises to the next level. It starts from the erased image plus noise, y_erased + t_1 z (the paper's
 start; the reference code starts from t_1 z alone, a difference of y_erased / t_1).
-Images are (batch, 3, H, W) in [-1, 1]. Every task takes sigmas, y (class labels), noise, generator and
+Images are (batch, C, H, W) in [-1, 1] (colorization needs C = 3). Every task takes sigmas, y (class labels), noise, generator and
 callback as cmfast.sample does; `noise` lists every draw: the start noise first, then one per re-noising.
 """
 
@@ -118,10 +118,10 @@ def edit(denoiser: Denoiser, image: torch.Tensor, transform: Transform, sigmas, 
     raise AssertionError("unreachable")
 
 
-def _check_image(name, image, channels=3):
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != channels:
+def _check_image(name, image, channels=None):
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or (channels and image.shape[1] != channels):
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{name}: expected shape (batch, {channels}, H, W), got {got}")
+        raise ValueError(f"{name}: expected shape (batch, {channels or 'C'}, H, W), got {got}")
 
 
 def inpaint(denoiser, image, mask, sigmas, **kw) -> torch.Tensor:
@@ -137,7 +137,7 @@ def inpaint(denoiser, image, mask, sigmas, **kw) -> torch.Tensor:
 
 def colorize(denoiser, image, sigmas, **kw) -> torch.Tensor:
     """Colour a grayscale image: its luminance is kept, chroma is generated (an RGB image is reduced to luminance)."""
-    _check_image("image", image)
+    _check_image("image", image, channels=3)
     return edit(denoiser, image, Luminance(), sigmas, **kw)
 
 
@@ -183,7 +183,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def interpolate(denoiser, z0, z1, alphas, *, y=None, sigma_max: float = 80.0) -> torch.Tensor:
-    """One-step samples along the slerp between latents z0 and z1 (N(0, I)): (len(alphas), batch, 3, H, W)."""
+    """One-step samples along the slerp between latents z0 and z1 (N(0, I)): (len(alphas), batch, C, H, W)."""
     _check_image("z0", z0)
     if z1.shape != z0.shape:
         raise ValueError(f"z1: expected the shape of z0 {tuple(z0.shape)}, got {tuple(z1.shape)}")

@@ -15,19 +15,19 @@ import torch
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8: ((x + 1) * 127.5) clamped to [0, 255] and truncated."""
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8: ((x + 1) * 127.5) clamped to [0, 255] and truncated."""
     return ((x.detach().float().cpu() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def from_uint8(a: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) or (H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    """(B, H, W, C) or (H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1]."""
     t = torch.from_numpy(np.array(a, dtype=np.float32))
     t = t[None] if t.dim() == 3 else t
     return t.permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """(B, H, W, 3) uint8 tiled into one (rows x columns) image with `pad` pixels of white between tiles."""
+    """(B, H, W, C) uint8 tiled into one (rows x columns) image with `pad` pixels of white between tiles."""
     b, h, w, c = images.shape
     columns = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / columns)
@@ -38,17 +38,18 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
-def load_image(path, size: int | None = None) -> torch.Tensor:
-    """An image file as (1, 3, H, W) in [-1, 1], resized (bicubic) to size x size when given."""
+def load_image(path, size: int | None = None, channels: int = 3) -> torch.Tensor:
+    """An image file as (1, channels, H, W) in [-1, 1] (3: RGB, 1: grayscale), resized (bicubic) when size is given."""
     from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image: no such file {path}")
-    img = Image.open(path).convert("RGB")
+    img = Image.open(path).convert("RGB" if channels == 3 else "L")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    return from_uint8(np.asarray(img))
+    a = np.asarray(img)
+    return from_uint8(a if a.ndim == 3 else a[..., None])
 
 
 def check_writable(paths, overwrite: bool) -> None:
@@ -77,7 +78,7 @@ def save_png(path, image: np.ndarray) -> None:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
     with atomic_file(path) as tmp:
         tmp.write_bytes(buf.getvalue())
 

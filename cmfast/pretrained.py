@@ -11,6 +11,7 @@ from .consistency import Denoiser
 from .models import PRESETS, UNet, load
 
 RELEASES = "https://github.com/openai/consistency_models (README: checkpoints)"
+BUILT_IN = Path(__file__).resolve().parent / "data" / "digits.safetensors"  # the default model (`make digits-model`)
 
 
 def checkpoint_dirs() -> list[Path]:
@@ -33,8 +34,10 @@ class Model:
 def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None = None) -> Model:
     """A checkpoint path (.pt, .safetensors, diffusers folder) or a preset name whose file is in checkpoint_dirs()."""
     if name_or_path is None:
-        raise ValueError("checkpoint: none given; pass a checkpoint path or a preset name "
-                         f"({', '.join(n for n in PRESETS if not n.startswith('test'))})")
+        if not BUILT_IN.is_file():
+            raise ValueError("checkpoint: none given and this install has no built-in model; pass a checkpoint "
+                             f"path or a preset name ({', '.join(n for n in PRESETS if not n.startswith('test'))})")
+        return Model("digits", load(BUILT_IN, device=device, dtype=dtype), kind or "consistency")
     path = Path(name_or_path)
     if path.exists():
         name = path.stem if path.is_file() else path.name

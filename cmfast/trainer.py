@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import training
+from .backends import use_backend
 from .consistency import Denoiser
 from .images import atomic_file
 from .models import UNet, UNetConfig, load, save
@@ -127,7 +128,10 @@ class Run:
         c = self.config
         until = c.steps if until is None else min(until, c.steps)
         last = float("nan")
-        with tqdm(total=until, initial=self.step, disable=not progress, desc=f"{c.method} training") as bar:
+        # The reference backends throughout: the weights then depend only on torch, the seed and the thread count,
+        # not on which compiled kernels this install has.
+        with use_backend("reference"), tqdm(total=until, initial=self.step, disable=not progress,
+                                            desc=f"{c.method} training") as bar:
             while self.step < until:
                 gen = training.step_generator(c.seed, self.step)
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout, if any

@@ -67,6 +67,10 @@ def _presets() -> dict[str, Preset]:
     found["test_lsun"] = Preset("test_lsun", LSUN256.replace(
         model_channels=32, num_res_blocks=2, channel_mult=(1, 1, 2), image_size=16, attention_resolutions=(4,),
         num_head_channels=32), "consistency")
+    # The built-in model (issue 7): trained by `make digits-model` on scikit-learn's digits, shipped in cmfast/data.
+    found["digits"] = Preset("digits", UNetConfig(
+        model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2), image_size=16, in_channels=1, out_channels=1,
+        attention_resolutions=(4,), num_classes=10, num_head_channels=64, use_scale_shift_norm=True), "consistency")
     return found
 
 

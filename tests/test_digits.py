@@ -1,0 +1,50 @@
+"""The built-in digits model's commands: train (resumable), evaluate, demo, and sampling with no checkpoint."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmfast import pretrained
+from cmfast.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--steps", "3", "--batch", "4", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_loadable_checkpoint(trained):
+    assert (trained / "model.safetensors").is_file() and (trained / "state.pt").is_file()
+    model = pretrained.find(str(trained / "model.safetensors"))
+    assert model.unet.config.in_channels == 1 and model.unet.config.num_classes == 10
+
+
+def test_train_resumes_and_refuses_other_settings(trained, capsys):
+    assert main(["train", "--steps", "3", "--batch", "4", "--checkpoint-every", "2", "--out", str(trained)]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert main(["train", "--steps", "5", "--batch", "4", "--out", str(trained)]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_evaluate_reports_samples_beside_real_digits_and_noise(trained, capsys):
+    assert main(["evaluate", str(trained / "model.safetensors"), "--num-per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    for row in ("held-out real digits", "uniform noise", "one-step samples", "two-step samples"):
+        assert row in out
+
+
+def test_demo_writes_its_pictures(trained, tmp_path):
+    assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 0
+    for name in ("one_step.png", "two_step.png", "inpaint.png", "denoise.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.size[0] > 10 * 16
+    assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 2  # no overwrite
+
+
+@pytest.mark.skipif(not pretrained.BUILT_IN.is_file(), reason="this checkout has no built-in model yet")
+def test_sample_with_no_checkpoint_uses_the_built_in_model(tmp_path):
+    assert main(["sample", "--num", "10", "--class-labels", "0,1,2,3,4,5,6,7,8,9", "--out", str(tmp_path)]) == 0
+    with np.load(tmp_path / "samples.npz") as f:
+        assert f["arr_0"].shape == (10, 16, 16, 1) and f["arr_1"].tolist() == list(range(10))
