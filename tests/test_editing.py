@@ -94,7 +94,8 @@ def test_masks():
     "call, message",
     [
         (lambda d, x: editing.inpaint(d, x, torch.ones(5, 5), SIGMAS), "^mask: shape"),
-        (lambda d, x: editing.inpaint(d, x[:, :2], torch.ones(16, 16), SIGMAS), r"^image: expected shape \(batch, 3"),
+        (lambda d, x: editing.inpaint(d, x[0], torch.ones(16, 16), SIGMAS), r"^image: expected shape \(batch, C"),
+        (lambda d, x: editing.colorize(d, x[:, :1], SIGMAS), r"^image: expected shape \(batch, 3"),
         (lambda d, x: editing.super_resolve(d, x, SIGMAS, factor=1), "^factor"),
         (lambda d, x: editing.interpolate(d, x, x[:1], [0.5]), "^z1: expected the shape"),
         (lambda d, x: editing.colorize(d, x, [1.0, 2.0]), "^sigmas: expected positive, strictly decreasing"),
