@@ -22,8 +22,11 @@ IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 def group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
     """The op in plain (differentiable) PyTorch, computed in fp32 (float64 stays float64), returned in x's dtype."""
     acc = torch.promote_types(x.dtype, torch.float32)
-    y = F.group_norm(x.to(acc), num_groups, None if weight is None else weight.to(acc),
-                     None if bias is None else bias.to(acc), eps)
+    # As (batch, C, tokens): torch's channels_last GroupNorm on the CPU computes the variance as E[x^2] - E[x]^2,
+    # which loses precision on small groups; the contiguous kernel does not.
+    flat = x.to(acc).reshape(x.shape[0], x.shape[1], -1)
+    y = F.group_norm(flat, num_groups, None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), eps).view(x.shape)
     per_channel = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     if scale is not None:
         y = y * (1.0 + scale.to(acc).reshape(per_channel))
