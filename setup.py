@@ -57,17 +57,19 @@ def extensions():
         archs = "/".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())  # no commas in a macro
         defines += ["-DCMFAST_WITH_CUDA", f"-DCMFAST_CUDA_ARCHS={archs}"]
     # torch's BuildExtension adds the -std its headers need (C++20 since torch 2.10).
-    cxx = ["-O3", "-g0", *defines] + (["-march=native"] if native else [])
+    # -fopenmp: without it ATen's at::parallel_for runs on one thread (the header checks _OPENMP); the library
+    # then shares torch's own libgomp.
+    cxx = ["-O3", "-g0", "-fopenmp", *defines] + (["-march=native"] if native else [])
     def files(*patterns):
         return sorted(str(p.relative_to(ROOT)) for pattern in patterns for p in ROOT.glob(pattern))
 
     headers = files("csrc/*.h", "kernels/*.h", "kernels/*.cuh")  # a header change must rebuild too
     if not cuda:
         return [cpp_extension.CppExtension("cmfast._C", files("csrc/*.cpp"), depends=headers,
-                                           extra_compile_args={"cxx": cxx})]
+                                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     nvcc = ["-O3", *defines]
     return [cpp_extension.CUDAExtension("cmfast._C", files("csrc/*.cpp", "kernels/*.cu"), depends=headers,
-                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
 
 
 def cmdclass():

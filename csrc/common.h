@@ -2,6 +2,16 @@
 // messages; these checks only guard the raw kernels against being handed a layout they would mis-index.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+
+#ifdef CMFAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "../kernels/dtypes.cuh"
+#endif
 
 namespace cmfast {
 
@@ -28,5 +38,43 @@ inline void check_per_sample(const at::Tensor& t, const at::Tensor& like, const 
 }
 
 inline int64_t batch_of(const at::Tensor& t) { return t.dim() > 0 ? t.size(0) : 1; }
+
+// Calls fn(T{}) with T the C++ type of a float32/float16/bfloat16 tensor.
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, const char* op, Fn fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+// An optional fp32 parameter (weight, embedding, ...): contiguous, of `shape`, on the device of `like`.
+// Returns its data, or nullptr when it is absent.
+inline const float* optional_f32(const std::optional<at::Tensor>& t, at::IntArrayRef shape, const at::Tensor& like,
+                                 const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->sizes() == shape, name, ": expected shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), name, ": expected contiguous float32");
+  TORCH_CHECK(t->device() == like.device(), name, ": expected device ", like.device(), ", got ", t->device());
+  return t->const_data_ptr<float>();
+}
+
+#ifdef CMFAST_WITH_CUDA
+// The kernels' storage type of a float32/float16/bfloat16 tensor.
+inline DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+  }
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+#endif
 
 }  // namespace cmfast

@@ -69,17 +69,6 @@ void prologue_cpu(const T* x, const float* sigma, T* out, float* t_in, int64_t b
   });
 }
 
-// Calls fn(T{}) with T the C++ type of a float32/float16/bfloat16 tensor.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* op, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
-  }
-}
-
 void consistency_epilogue_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& sigma,
                               double sigma_data, double sigma_min, bool clamp, const at::Tensor& out) {
   check_flat(model_output, x, "model_output");
@@ -107,19 +96,6 @@ void consistency_prologue_cpu(const at::Tensor& x, const at::Tensor& sigma, doub
 }
 
 #ifdef CMFAST_WITH_CUDA
-DType cuda_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 void consistency_epilogue_gpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& sigma,
                               double sigma_data, double sigma_min, bool clamp, const at::Tensor& out) {
   check_flat(model_output, x, "model_output");
@@ -127,7 +103,7 @@ void consistency_epilogue_gpu(const at::Tensor& x, const at::Tensor& model_outpu
   check_per_sample(sigma, x, "sigma");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = batch_of(x);
-  check_cuda(consistency_epilogue_cuda(cuda_dtype(x), x.const_data_ptr(), model_output.const_data_ptr(),
+  check_launch(consistency_epilogue_cuda(kernel_dtype(x), x.const_data_ptr(), model_output.const_data_ptr(),
                                        sigma.const_data_ptr<float>(), out.mutable_data_ptr(), batch,
                                        x.numel() / std::max<int64_t>(batch, 1), float(sigma_data),
                                        float(sigma_min), clamp, c10::cuda::getCurrentCUDAStream()),
@@ -141,7 +117,7 @@ void consistency_prologue_gpu(const at::Tensor& x, const at::Tensor& sigma, doub
   check_per_sample(t_in, x, "t_in");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t batch = batch_of(x);
-  check_cuda(consistency_prologue_cuda(cuda_dtype(x), x.const_data_ptr(), sigma.const_data_ptr<float>(),
+  check_launch(consistency_prologue_cuda(kernel_dtype(x), x.const_data_ptr(), sigma.const_data_ptr<float>(),
                                        out.mutable_data_ptr(), t_in.mutable_data_ptr<float>(), batch,
                                        x.numel() / std::max<int64_t>(batch, 1), float(sigma_data),
                                        c10::cuda::getCurrentCUDAStream()),

@@ -87,7 +87,7 @@ path = sys.argv[1]
 torch.ops.load_library(path)
 print("torch.ops.load_library: ok")
 failed = []
-for op in ("cmfast_C::consistency_epilogue", "cmfast_C::consistency_prologue"):
+for op in ("cmfast_C::consistency_epilogue", "cmfast_C::consistency_prologue", "cmfast_C::group_norm"):
     for key in ("CPU", "CUDA"):
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
         print(f"  {op:34s} {key:4s} kernel: {'yes' if ok else 'NO'}")

@@ -1,0 +1,368 @@
+// The group_norm op's compiled kernels: the CPU kernel here, the CUDA kernels in kernels/group_norm.cu, both
+// registered as cmfast_C::group_norm. The public op (cmfast/ops/group_norm.py) validates, lays x out
+// (contiguous, or 4-d channels_last), allocates `out` like x and picks a backend; this op only fills `out`.
+//
+// Each (sample, group) gets fp32 Moments (count, mean, M2) from blocks that are each read twice while cached
+// (sum, then squared deviations from the block's mean) and merged with Chan's update, then every channel is
+// one affine map y = (x - mean) * a + d (GroupNorm, weight/bias and scale/shift folded together), then SiLU.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../kernels/group_norm_math.h"
+#include "common.h"
+
+#ifdef CMFAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../kernels/group_norm.cuh"
+#endif
+
+// The inner loops are cloned for AVX-512, AVX2 and the baseline ISA (picked at load time), as in consistency.cpp;
+// AVX-512 (which brings FMA) halves the cost of the SiLU epilogue where the CPU has it (measured on Zen 4).
+#define CMFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+namespace cmfast {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task: ~100 KB of traffic, well above the fork cost
+constexpr int64_t kBlock = 4096;     // contiguous: elements per statistics block (16 KB fp32, read twice from L1)
+constexpr int64_t kTile = 8192;      // channels_last: elements per statistics tile (whole pixels, read twice)
+constexpr int kLanes = 16;           // independent fp32 partial sums: whole vectors, no reassociation needed
+
+// ---- fp32 <-> storage type, in integer arithmetic the vectoriser takes (c10's conversions stay scalar here) ---
+
+__attribute__((always_inline)) inline float to_f32(float v) { return v; }
+__attribute__((always_inline)) inline float to_f32(c10::BFloat16 v) {
+  return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+}
+// Exponent and mantissa moved into a float and rescaled by 2^112 (exact for normals and subnormals); Inf/NaN
+// get the all-ones exponent back.
+__attribute__((always_inline)) inline float to_f32(c10::Half v) {
+  const uint32_t magnitude = v.x & 0x7fffu;
+  uint32_t bits = std::bit_cast<uint32_t>(std::bit_cast<float>(magnitude << 13) * 0x1p112f);
+  bits = magnitude >= 0x7c00u ? bits | 0x7f800000u : bits;
+  return std::bit_cast<float>(bits | (static_cast<uint32_t>(v.x & 0x8000u) << 16));
+}
+
+template <typename T>
+T from_f32(float v);
+template <>
+__attribute__((always_inline)) inline float from_f32<float>(float v) {
+  return v;
+}
+// Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16(float).
+template <>
+__attribute__((always_inline)) inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+// Round to nearest even (F. Giesen's float_to_half_fast3_rtne): every case computed, then selected. Overflow
+// gives Inf, NaN a quiet NaN, small values subnormals (rounded by an fp32 add).
+template <>
+__attribute__((always_inline)) inline c10::Half from_f32<c10::Half>(float v) {
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t sign = u & 0x80000000u, f = u ^ sign;
+  const uint32_t subnormal = std::bit_cast<uint32_t>(std::bit_cast<float>(f) + 0.5f) - 0x3f000000u;
+  const uint32_t normal = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;  // rebias (15 - 127) << 23, round
+  const uint32_t inf_nan = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // Masks, not ?: -- the compiler would move the fp32 add into a branch, and a branch stays scalar.
+  const uint32_t tiny = 0u - static_cast<uint32_t>(f < 0x38800000u);
+  const uint32_t huge = 0u - static_cast<uint32_t>(f >= 0x47800000u);
+  const uint32_t bits = (subnormal & tiny) | (inf_nan & huge) | (normal & ~(tiny | huge));
+  return c10::Half(static_cast<uint16_t>(bits | (sign >> 16)), c10::Half::from_bits());
+}
+
+// ---- the vectorised inner loops --------------------------------------------------------------------------
+
+// The Moments of n fp32 values: their sum, then the squared deviations from their mean (two passes over a block
+// that sits in L1), each over kLanes partial sums.
+
+CMFAST_CLONES float sum_of(const float* __restrict__ x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+CMFAST_CLONES float squared_deviations(const float* __restrict__ x, int64_t n, float mean) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float d = x[i + j] - mean;
+      acc[j] += d * d;
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    const float d = x[i] - mean;
+    acc[j] += d * d;
+  }
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename T>
+CMFAST_CLONES void widen(const T* __restrict__ x, float* __restrict__ out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
+}
+
+// acc[c] += sum over rows p of x[p, c] (channels_last: C channels per row).
+template <typename T>
+CMFAST_CLONES void column_sums(const T* __restrict__ x, int64_t rows, int64_t C, float* __restrict__ acc) {
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t c = 0; c < C; ++c) acc[c] += to_f32(x[p * C + c]);
+}
+
+// acc[c] += sum over rows p of (x[p, c] - mean[c])^2.
+template <typename T>
+CMFAST_CLONES void column_squared_deviations(const T* __restrict__ x, int64_t rows, int64_t C,
+                                             const float* __restrict__ mean, float* __restrict__ acc) {
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = to_f32(x[p * C + c]) - mean[c];
+      acc[c] += d * d;
+    }
+}
+
+// exp(x) for the SiLU in plain arithmetic, so that it vectorises (libm's expf does not without -ffast-math):
+// Cephes' expf, within ~2 ulp. |x| is clamped to 126 ln 2 (exp stays a normal float) on the integer bits: a float
+// comparison would stop the vectoriser (it may trap). Any x with |x| > 87 gives SiLU's limits (0 or x) anyway.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  const int32_t limit = std::bit_cast<int32_t>(87.33654f);
+  const int32_t magnitude = std::min(bits & 0x7fffffff, limit);  // NaN too: SiLU's y / (...) keeps it NaN
+  x = std::bit_cast<float>(magnitude | (bits & static_cast<int32_t>(0x80000000u)));
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2), |x / ln 2| < 2^22
+  float r = x - n * 0.693359375f;                                          // x - n ln 2 in two steps (Cody-Waite)
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+template <bool SILU>
+__attribute__((always_inline)) inline float epilogue(float y) {
+  return SILU ? y / (1.0f + exp_approx(-y)) : y;
+}
+
+// out[i] = epilogue((x[i] - mean) * a + d) over one channel's n values (contiguous layout).
+template <typename T, bool SILU>
+CMFAST_CLONES void affine_run(const T* __restrict__ x, T* __restrict__ out, int64_t n, float mean, float a,
+                              float d) {
+  for (int64_t i = 0; i < n; ++i) out[i] = from_f32<T>(epilogue<SILU>((to_f32(x[i]) - mean) * a + d));
+}
+
+// out[p, c] = epilogue((x[p, c] - mean[c]) * a[c] + d[c]) over rows of C channels (channels_last).
+template <typename T, bool SILU>
+CMFAST_CLONES void affine_rows(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t C,
+                               const float* __restrict__ mean, const float* __restrict__ a,
+                               const float* __restrict__ d) {
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t c = 0; c < C; ++c)
+      out[p * C + c] = from_f32<T>(epilogue<SILU>((to_f32(x[p * C + c]) - mean[c]) * a[c] + d[c]));
+}
+
+// The sum of a group's few per-channel sums.
+inline float total(const float* v, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
+// ---- the two layouts --------------------------------------------------------------------------------------
+
+struct Problem {
+  int64_t batch, channels, spatial, groups;
+  const float* weight;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  float eps;
+  bool silu;
+};
+
+// Contiguous (batch, C, spatial): group (b, g) is one run of C/G * spatial elements; one task per group.
+template <typename T>
+void group_norm_nchw(const T* x, T* out, const Problem& p) {
+  const int64_t cg = p.channels / p.groups, n = cg * p.spatial;
+  auto affine = p.silu ? affine_run<T, true> : affine_run<T, false>;
+  at::parallel_for(0, p.batch * p.groups, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+    std::vector<float> block(std::is_same_v<T, float> ? 0 : kBlock);  // fp16/bf16 blocks widened to fp32
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const T* xg = x + bg * n;
+      Moments m{0.0f, 0.0f, 0.0f};
+      for (int64_t i = 0; i < n; i += kBlock) {
+        const int64_t len = std::min(kBlock, n - i);
+        const float* v;
+        if constexpr (std::is_same_v<T, float>) {
+          v = xg + i;
+        } else {
+          widen(xg + i, block.data(), len);
+          v = block.data();
+        }
+        const float mean = sum_of(v, len) / static_cast<float>(len);
+        m = merge(m, {static_cast<float>(len), mean, squared_deviations(v, len, mean)});
+      }
+      const float rstd = inv_std(m, p.eps);
+      const int64_t b = bg / p.groups;
+      for (int64_t c = bg % p.groups * cg, k = 0; k < cg; ++c, ++k) {
+        const Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, c, b * p.channels + c);
+        affine(xg + k * p.spatial, out + bg * n + k * p.spatial, p.spatial, m.mean, f.a, f.d);
+      }
+    }
+  });
+}
+
+// Channels_last (batch, H*W, C): a group's channels are strided by C, so every pass reads whole pixels and keeps
+// per-channel sums. Statistics: one task per chunk of pixels (all groups), tile by tile; the chunks' Moments are
+// merged per (sample, group) into per-channel coefficients; then a second parallel pass normalises.
+template <typename T>
+void group_norm_nhwc(const T* x, T* out, const Problem& p) {
+  const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.spatial;
+  const int64_t tile = std::max<int64_t>(1, kTile / C);                  // pixels per statistics tile
+  const int64_t chunk = std::max<int64_t>(1, kGrain / C / tile) * tile;  // pixels per task
+  const int64_t chunks = (hw + chunk - 1) / chunk;
+  std::vector<Moments> parts(p.batch * chunks * G, Moments{0.0f, 0.0f, 0.0f});
+  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(3 * C);  // per channel: sums, its group's tile mean, squared deviations
+    float *sums = scratch.data(), *means = sums + C, *sq = means + C;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / chunks, stop = std::min(hw, (t % chunks + 1) * chunk);
+      Moments* m = &parts[t * G];
+      for (int64_t q = t % chunks * chunk; q < stop; q += tile) {
+        const int64_t rows = std::min(tile, stop - q);
+        const T* xt = x + (b * hw + q) * C;
+        const float count = static_cast<float>(rows * cg);
+        std::fill(sums, sums + C, 0.0f);
+        std::fill(sq, sq + C, 0.0f);
+        column_sums(xt, rows, C, sums);
+        for (int64_t g = 0; g < G; ++g) {
+          std::fill(means + g * cg, means + (g + 1) * cg, total(sums + g * cg, cg) / count);
+        }
+        column_squared_deviations(xt, rows, C, means, sq);
+        for (int64_t g = 0; g < G; ++g) m[g] = merge(m[g], {count, means[g * cg], total(sq + g * cg, cg)});
+      }
+    }
+  });
+
+  std::vector<float> coef(3 * p.batch * C);  // per (sample, channel): its group's mean, a, d
+  float *mean = coef.data(), *a = mean + p.batch * C, *d = a + p.batch * C;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      Moments m{0.0f, 0.0f, 0.0f};
+      for (int64_t k = 0; k < chunks; ++k) m = merge(m, parts[(b * chunks + k) * G + g]);
+      const float rstd = inv_std(m, p.eps);
+      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+        const Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, c, b * C + c);
+        mean[b * C + c] = m.mean;
+        a[b * C + c] = f.a;
+        d[b * C + c] = f.d;
+      }
+    }
+
+  auto affine = p.silu ? affine_rows<T, true> : affine_rows<T, false>;
+  at::parallel_for(0, p.batch * hw, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
+    while (begin < end) {  // rows of one sample at a time: its coefficients
+      const int64_t b = begin / hw, stop = std::min(end, (b + 1) * hw);
+      affine(x + begin * C, out + begin * C, stop - begin, C, mean + b * C, a + b * C, d + b * C);
+      begin = stop;
+    }
+  });
+}
+
+// ---- the op -----------------------------------------------------------------------------------------------
+
+// Checks the kernel contract (see cmfast/ops/group_norm.py) and returns the problem; channels_last says which
+// layout x has (a tensor that is both, e.g. 1x1 spatial, counts as contiguous).
+Problem check_problem(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
+                      const at::Tensor& out, bool& channels_last) {
+  TORCH_CHECK(x.dim() >= 2, "group_norm: x: expected (batch, C, *spatial), got shape ", x.sizes());
+  check_flat(out, x, "group_norm: out");
+  channels_last = !x.is_contiguous();
+  TORCH_CHECK(!channels_last || (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "group_norm: x: expected a contiguous or a 4-d channels_last tensor");
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(num_groups > 0 && channels % num_groups == 0, "group_norm: num_groups: expected a positive divisor of ",
+              channels, ", got ", num_groups);
+  const float* w = optional_f32(weight, {channels}, x, "group_norm: weight");
+  const float* bi = optional_f32(bias, {channels}, x, "group_norm: bias");
+  const float* s = optional_f32(scale, {batch, channels}, x, "group_norm: scale");
+  const float* sh = optional_f32(shift, {batch, channels}, x, "group_norm: shift");
+  const int64_t spatial = x.numel() / std::max<int64_t>(batch * channels, 1);
+  return {batch, channels, spatial, num_groups, w, bi, s, sh, static_cast<float>(eps), silu};
+}
+
+void group_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
+                    const at::Tensor& out) {
+  bool channels_last = false;
+  const Problem p = check_problem(x, weight, bias, scale, shift, num_groups, eps, silu, out, channels_last);
+  if (x.numel() == 0) return;
+  dispatch_float(x.scalar_type(), "group_norm", [&](auto t) {
+    using T = decltype(t);
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    channels_last ? group_norm_nhwc(xp, op, p) : group_norm_nchw(xp, op, p);
+  });
+}
+
+#ifdef CMFAST_WITH_CUDA
+void group_norm_gpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
+                    const at::Tensor& out) {
+  bool channels_last = false;
+  const Problem p = check_problem(x, weight, bias, scale, shift, num_groups, eps, silu, out, channels_last);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const GroupNormShape shape{p.batch, p.channels, p.spatial, p.groups, channels_last};
+  const GroupNormPlan plan = group_norm_cuda_plan(kernel_dtype(x), shape, x.const_data_ptr(), out.data_ptr());
+  TORCH_CHECK(plan.vec > 0, "group_norm: groups of ", p.channels / p.groups * p.spatial,
+              " elements are beyond the CUDA kernels (2^31 - 1 at most)");
+  at::Tensor workspace;  // the two-stage path's partial statistics
+  if (plan.workspace_floats > 0) workspace = at::empty({plan.workspace_floats}, x.options().dtype(at::kFloat));
+  check_launch(group_norm_cuda(plan, shape, x.const_data_ptr(), p.weight, p.bias, p.scale, p.shift, out.data_ptr(),
+                               workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, p.eps, p.silu,
+                               c10::cuda::getCurrentCUDAStream()),
+               "group_norm");
+}
+#endif
+
+}  // namespace
+}  // namespace cmfast
+
+TORCH_LIBRARY_FRAGMENT(cmfast_C, m) {
+  m.def(
+      "group_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int num_groups, float eps, "
+      "bool silu, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("group_norm", &cmfast::group_norm_cpu); }
+
+#ifdef CMFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(cmfast_C, CUDA, m) { m.impl("group_norm", &cmfast::group_norm_gpu); }
+#endif

@@ -1,0 +1,348 @@
+// The group_norm op on the GPU: GroupNorm statistics per (sample, group), then one affine map per channel
+// (weight/bias and scale/shift folded in, kernels/group_norm_math.h) and an optional SiLU. Memory bound.
+//
+// A group is read as packets of VEC elements (16-byte loads where the layout and pointers allow). Contiguous:
+// the group is one run of C/G * spatial elements, and a packet lies in one channel. Channels_last: the group is
+// `spatial` runs of C/G channels, C apart, and a packet holds VEC consecutive channels of one pixel.
+//   fused kernel:      one block per group holds its packets in registers: read once, exact two-pass statistics.
+//   two-stage kernels: when the group does not fit, or there are too few groups to fill the GPU (batch 1 has 32),
+//                      `splits` blocks per group write partial Moments to the workspace, then as many blocks merge
+//                      them (in the same order: identical statistics) and normalise their slice.
+#include <algorithm>
+
+#include "group_norm.cuh"
+#include "group_norm_math.h"
+
+namespace cmfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSmallItems = 4;    // fused kernel: packets per thread for groups up to 1024 packets
+constexpr int kLargeItems = 16;   // ... up to 4096 packets (16K fp32 / 32K fp16 elements; 64 data registers)
+constexpr int kMaxSplits = 32;    // two-stage: blocks per group at most
+constexpr int kMinSplitPackets = 2 * kThreads;  // ... and at least two packets per thread in each
+
+struct Params {
+  const void* x;
+  void* out;
+  const float* weight;
+  const float* bias;
+  const float* scale;
+  const float* shift;
+  float* workspace;  // two-stage: Moments of (group, split), 3 floats each
+  int64_t channels;
+  int64_t spatial;
+  int64_t groups;
+  int64_t group_channels;
+  uint32_t packets;  // per group
+  uint32_t run;      // packets per contiguous run: spatial / VEC, or group_channels / VEC (channels_last)
+  int splits;
+  float eps;
+  bool silu;
+};
+
+// Where packet q of group bg lives: its element offset and its (first) channel.
+template <int VEC, bool CL>
+struct GroupLayout {
+  int64_t base;  // offset of the group's first element
+  int64_t first_channel;
+
+  __device__ GroupLayout(const Params& p, int64_t bg) {
+    const int64_t b = bg / p.groups;
+    first_channel = bg % p.groups * p.group_channels;
+    base = CL ? b * p.spatial * p.channels + first_channel : bg * p.group_channels * p.spatial;
+  }
+
+  __device__ __forceinline__ void locate(const Params& p, uint32_t q, int64_t& offset, int64_t& channel) const {
+    const uint32_t r = q / p.run;  // contiguous: the channel in the group; channels_last: the pixel
+    const uint32_t k = q - r * p.run;
+    if constexpr (CL) {
+      offset = base + int64_t(r) * p.channels + int64_t(k) * VEC;
+      channel = first_channel + int64_t(k) * VEC;
+    } else {
+      offset = base + int64_t(q) * VEC;
+      channel = first_channel + r;
+    }
+  }
+};
+
+__device__ __forceinline__ float silu(float y) { return y / (1.0f + __expf(-y)); }
+
+// One packet through the epilogue. Contiguous: one channel for the packet; channels_last: VEC channels.
+template <typename T, int VEC, bool CL>
+__device__ __forceinline__ Packed<T, VEC> normalise(const Params& p, const Packed<T, VEC>& in, int64_t b,
+                                                   int64_t channel, float mean, float rstd) {
+  Packed<T, VEC> out;
+  Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, channel, b * p.channels + channel);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    if (CL && k > 0) {
+      f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, channel + k, b * p.channels + channel + k);
+    }
+    const float y = (to_float(in.v[k]) - mean) * f.a + f.d;
+    out.v[k] = from_float<T>(p.silu ? silu(y) : y);
+  }
+  return out;
+}
+
+__device__ __forceinline__ Moments shuffle_down(Moments m, int offset) {
+  return {__shfl_down_sync(0xffffffffu, m.n, offset), __shfl_down_sync(0xffffffffu, m.mean, offset),
+          __shfl_down_sync(0xffffffffu, m.m2, offset)};
+}
+
+// The merged Moments of the warp, in lane 0.
+__device__ __forceinline__ Moments warp_merge(Moments m) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) m = merge(m, shuffle_down(m, offset));
+  return m;
+}
+
+// The merged Moments of the block, in thread 0.
+__device__ __forceinline__ Moments block_merge(Moments m) {
+  __shared__ Moments warps[kWarps];
+  m = warp_merge(m);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) m = warp_merge(threadIdx.x < kWarps ? warps[threadIdx.x] : Moments{0.0f, 0.0f, 0.0f});
+  return m;
+}
+
+// The block's total of v, in every thread.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warps[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warps[w];
+  __syncthreads();  // warps[] may be reused by the next call
+  return total;
+}
+
+// The packets [begin, end) of split s.
+__device__ __forceinline__ void split_range(const Params& p, int s, uint32_t& begin, uint32_t& end) {
+  const uint32_t chunk = (p.packets + p.splits - 1) / p.splits;
+  begin = min(p.packets, uint32_t(s) * chunk);  // s * chunk < packets + splits < 2^32 (packets < 2^31)
+  end = min(p.packets, begin + chunk);
+}
+
+template <typename T, int VEC, bool CL, int ITEMS>
+__global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p) {
+  using Pack = Packed<T, VEC>;
+  const int64_t bg = blockIdx.x;
+  const GroupLayout<VEC, CL> layout(p, bg);
+  const T* x = static_cast<const T*>(p.x);
+  Pack v[ITEMS];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t q = threadIdx.x + i * kThreads;
+    if (q < p.packets) {
+      int64_t offset, channel;
+      layout.locate(p, q, offset, channel);
+      v[i] = *reinterpret_cast<const Pack*>(x + offset);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
+    }
+  }
+  const float n = float(p.packets) * VEC;
+  const float mean = block_sum(sum) / n;
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (threadIdx.x + i * kThreads < p.packets) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = to_float(v[i].v[k]) - mean;
+        squares += d * d;
+      }
+    }
+  }
+  const float rstd = inv_std({n, mean, block_sum(squares)}, p.eps);
+  T* out = static_cast<T*>(p.out);
+  const int64_t b = bg / p.groups;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t q = threadIdx.x + i * kThreads;
+    if (q < p.packets) {
+      int64_t offset, channel;
+      layout.locate(p, q, offset, channel);
+      *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
+    }
+  }
+}
+
+// Two-stage, first stage: block (group bg, split s) writes the Moments of its packets.
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(Params p) {
+  using Pack = Packed<T, VEC>;
+  const int64_t bg = blockIdx.x;
+  const GroupLayout<VEC, CL> layout(p, bg);
+  const T* x = static_cast<const T*>(p.x);
+  uint32_t begin, end;
+  split_range(p, blockIdx.y, begin, end);
+  Moments m{0.0f, 0.0f, 0.0f};
+  for (uint32_t q = begin + threadIdx.x; q < end; q += kThreads) {
+    int64_t offset, channel;
+    layout.locate(p, q, offset, channel);
+    const Pack v = *reinterpret_cast<const Pack*>(x + offset);
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += to_float(v.v[k]);
+    const float mean = sum * (1.0f / VEC);
+    float m2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d = to_float(v.v[k]) - mean;
+      m2 += d * d;
+    }
+    m = merge(m, {float(VEC), mean, m2});
+  }
+  m = block_merge(m);
+  if (threadIdx.x == 0) {
+    float* w = p.workspace + (bg * p.splits + blockIdx.y) * 3;
+    w[0] = m.n;
+    w[1] = m.mean;
+    w[2] = m.m2;
+  }
+}
+
+// Two-stage, second stage: block (group bg, split s) merges the group's partial Moments, normalises its packets.
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(Params p) {
+  using Pack = Packed<T, VEC>;
+  const int64_t bg = blockIdx.x;
+  __shared__ float stats[2];
+  if (threadIdx.x < 32) {
+    Moments m{0.0f, 0.0f, 0.0f};
+    for (int s = threadIdx.x; s < p.splits; s += 32) {
+      const float* w = p.workspace + (bg * p.splits + s) * 3;
+      m = merge(m, {w[0], w[1], w[2]});
+    }
+    m = warp_merge(m);
+    if (threadIdx.x == 0) {
+      stats[0] = m.mean;
+      stats[1] = inv_std(m, p.eps);
+    }
+  }
+  __syncthreads();
+  const float mean = stats[0], rstd = stats[1];
+  const GroupLayout<VEC, CL> layout(p, bg);
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
+  const int64_t b = bg / p.groups;
+  uint32_t begin, end;
+  split_range(p, blockIdx.y, begin, end);
+  for (uint32_t q = begin + threadIdx.x; q < end; q += kThreads) {
+    int64_t offset, channel;
+    layout.locate(p, q, offset, channel);
+    const Pack v = *reinterpret_cast<const Pack*>(x + offset);
+    *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v, b, channel, mean, rstd);
+  }
+}
+
+template <typename T, int VEC, bool CL>
+cudaError_t launch(const GroupNormPlan& plan, const Params& p, int64_t groups_total, cudaStream_t stream) {
+  const dim3 grid(unsigned(groups_total), unsigned(plan.splits));
+  if (plan.items == kSmallItems) {
+    group_norm_fused_kernel<T, VEC, CL, kSmallItems><<<grid, kThreads, 0, stream>>>(p);
+  } else if (plan.items == kLargeItems) {
+    group_norm_fused_kernel<T, VEC, CL, kLargeItems><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    group_norm_stats_kernel<T, VEC, CL><<<grid, kThreads, 0, stream>>>(p);
+    group_norm_apply_kernel<T, VEC, CL><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool CL>
+cudaError_t launch_vec(const GroupNormPlan& plan, const Params& p, int64_t groups_total, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  switch (plan.vec) {
+    case kVec: return launch<T, kVec, CL>(plan, p, groups_total, stream);
+    case 2: return launch<T, 2, CL>(plan, p, groups_total, stream);
+    case 1: return launch<T, 1, CL>(plan, p, groups_total, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    cudaGetLastError();  // clear it: the plan only needs an estimate
+    return 108;
+  }
+  return sms;
+}
+
+}  // namespace
+
+GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out) {
+  GroupNormPlan plan{dtype, 0, 0, 1, 0};
+  if (shape.groups <= 0 || shape.channels % shape.groups != 0) return plan;
+  const int64_t group_channels = shape.channels / shape.groups;
+  const int64_t n = group_channels * shape.spatial;
+  const int64_t groups_total = shape.batch * shape.groups;
+  if (n <= 0 || n > INT32_MAX || groups_total <= 0 || groups_total > INT32_MAX) return plan;
+  // VEC: the widest packet that stays inside a run and is aligned; only these three are compiled.
+  const int bytes = dtype_bytes(dtype);
+  const int64_t run = shape.channels_last ? group_channels : shape.spatial;
+  for (int vec : {16 / bytes, 2, 1}) {
+    if (run % vec == 0 && aligned(x, vec * bytes) && aligned(out, vec * bytes)) {
+      plan.vec = vec;
+      break;
+    }
+  }
+  const int64_t packets = n / plan.vec;
+  // Blocks per group: enough for two blocks per SM, when the groups alone are too few.
+  const int sms = sm_count();
+  const int64_t wanted = 2 * groups_total >= sms ? 1 : (2 * int64_t(sms) + groups_total - 1) / groups_total;
+  plan.splits = int(std::max<int64_t>(1, std::min<int64_t>({wanted, kMaxSplits, packets / kMinSplitPackets})));
+  // One block per group reads it once, when it fits in registers.
+  if (plan.splits == 1 && packets <= int64_t(kThreads) * kLargeItems) {
+    plan.items = packets <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
+    return plan;
+  }
+  plan.workspace_floats = groups_total * plan.splits * 3;
+  return plan;
+}
+
+cudaError_t group_norm_cuda(const GroupNormPlan& plan, const GroupNormShape& shape, const void* x,
+                            const float* weight, const float* bias, const float* scale, const float* shift, void* out,
+                            float* workspace, float eps, bool silu, cudaStream_t stream) {
+  if (plan.vec == 0) return cudaErrorInvalidValue;
+  if (plan.items == 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  Params p;
+  p.x = x;
+  p.out = out;
+  p.weight = weight;
+  p.bias = bias;
+  p.scale = scale;
+  p.shift = shift;
+  p.workspace = workspace;
+  p.channels = shape.channels;
+  p.spatial = shape.spatial;
+  p.groups = shape.groups;
+  p.group_channels = shape.channels / shape.groups;
+  p.packets = uint32_t(p.group_channels * shape.spatial / plan.vec);
+  p.run = uint32_t((shape.channels_last ? p.group_channels : shape.spatial) / plan.vec);
+  p.splits = plan.splits;
+  p.eps = eps;
+  p.silu = silu;
+  const int64_t groups_total = shape.batch * shape.groups;
+  return dispatch_dtype(plan.dtype, [&](auto t) {
+    using T = decltype(t);
+    return shape.channels_last ? launch_vec<T, true>(plan, p, groups_total, stream)
+                               : launch_vec<T, false>(plan, p, groups_total, stream);
+  });
+}
+
+}  // namespace cmfast
