@@ -1,7 +1,8 @@
 # Developer and CI entry points. Every target installs what it needs into a venv under $(CACHE), reused
 # between runs, so a fresh clone needs only `make test` (the tests) or `make run` (the main job).
 #   make test        build the extension in place and run the tests (CPU; GPU tests skip without a GPU)
-#   make run         build, print what this install can do (cmfast info) and benchmark the consistency op
+#   make run         build, print what this install can do (cmfast info), run the built-in model's demo (when
+#                    the checkout has it) and a quick pass of the benchmarks into out/
 #   make cuda-check  compile kernels/*.cu for sm_80 and sm_90a with CMake; fail on any register spill
 #   make cuda-link   build the CUDA part of cmfast._C against a CUDA build of torch (no GPU needed)
 #   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
@@ -34,7 +35,8 @@ test: build
 
 run: build
 	$(VENV)/bin/cmfast info
-	$(PY) -m benchmarks.bench_consistency
+	$(if $(wildcard cmfast/data/digits.safetensors),$(VENV)/bin/cmfast demo --out out/demo --force)
+	$(VENV)/bin/cmfast bench --quick --out out/bench
 
 cuda-check: $(VENV)/.installed
 	$(PY) tools/ptxas_report.py

@@ -1,85 +1,93 @@
-"""Benchmark of the consistency epilogue, c_skip * x + c_out * F clamped, at the sampler's real shapes.
+"""The consistency op around the network, at the sampler's real shapes (batch, 3, 64, 64) and (batch, 3, 256, 256):
+  epilogue: c_skip(sigma) * x + c_out(sigma) * F, clamped to [-1, 1]   (2 reads, 1 write)
+  prologue: c_in(sigma) * x and 250 ln(sigma)                           (1 read, 1 write)
 
-Providers, same inputs, one run: each cmfast backend that runs on the device; torch eager (the chain a user
-writes: scalings, two broadcast multiplies, an add and a clamp); torch.compile of that chain. The op is memory
-bound: reported as GB/s (2 reads + 1 write) and the fraction of the copy bandwidth measured in the same run.
-usage: python -m benchmarks.bench_consistency [--device cuda] [--dtypes float16,bfloat16] [--batches 1,64]
+Providers, same inputs, one run: each cmfast backend of `consistency` that runs on the device; torch eager (the chain
+a user writes: the scalings, broadcast multiplies, an add and a clamp); torch.compile of that chain. Memory bound:
+GB/s and the fraction of the copy bandwidth measured in the same run.
+usage: python -m benchmarks.bench_consistency [runner options] (see python -m benchmarks --help)
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 
 from cmfast import backends, ops
 
-from .common import Row, add_ratios, copies_to_beat_cache, device_name, measure, measure_ceilings, write_csv
-
+NAME = "consistency"
+BENCHMARKS = ("consistency_epilogue", "consistency_prologue")
+PEERS = ("torch-eager", "torch-compile")
+SIDES, QUICK_SIDES = (64, 256), (16,)
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
-PEERS = ["torch-eager", "torch-compile"]
 
 
-def eager_chain(x, f, sigma):
+def _per_sample(c):
+    return c[:, None, None, None]
+
+
+def eager_epilogue(x, f, sigma):
     d = sigma - SIGMA_MIN
     c_skip = SIGMA_DATA**2 / (d**2 + SIGMA_DATA**2)
     c_out = d * SIGMA_DATA / (sigma**2 + SIGMA_DATA**2) ** 0.5
-    return (c_skip[:, None, None, None] * x + c_out[:, None, None, None] * f).clamp(-1, 1)
+    return (_per_sample(c_skip) * x + _per_sample(c_out) * f).clamp(-1, 1)
 
 
-def providers(device: torch.device) -> dict:
-    found = {}
-    for name in backends.BACKENDS:
-        if backends.availability(name, device)[0] and (name != "triton" or device.type == "cuda"):
+def eager_prologue(x, sigma):
+    c_in = 1 / (sigma**2 + SIGMA_DATA**2) ** 0.5
+    return _per_sample(c_in) * x, 250.0 * torch.log(sigma + 1e-44)
 
-            def run(x, f, s, name=name):
-                with backends.use_backend(name):
-                    return ops.consistency_epilogue(x, f, s, clamp=True)
 
-            found[f"cmfast-{name}"] = run
-    found["torch-eager"] = eager_chain
-    found["torch-compile"] = torch.compile(eager_chain, dynamic=False)
+def cmfast_epilogue(x, f, sigma):
+    return ops.consistency_epilogue(x, f, sigma, clamp=True)
+
+
+def cmfast_prologue(x, sigma):
+    return ops.consistency_prologue(x, sigma)
+
+
+def _on_backend(fn, name):
+    def run(*args):
+        with backends.use_backend(name):
+            return fn(*args)
+
+    return run
+
+
+def providers(session, cmfast_fn, eager_fn) -> dict:
+    found = {f"cmfast-{name}": _on_backend(cmfast_fn, name) for name in session.cmfast_backends("consistency")}
+    found["torch-eager"] = eager_fn
+    if session.compile_kernels and not session.quick:
+        found["torch-compile"] = session.compile(eager_fn)
     return found
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", default=None, help="comma list (default: float32 on CPU, float16,bfloat16 on GPU)")
-    parser.add_argument("--batches", default=None, help="comma list (default: 1,16,64 on CPU, 1,64,256 on GPU)")
-    parser.add_argument("--size", type=int, default=64, help="image side (64 for ImageNet-64, 256 for LSUN)")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    dtypes = [getattr(torch, d) for d in (args.dtypes or ("float16,bfloat16" if gpu else "float32")).split(",")]
-    batches = [int(b) for b in (args.batches or ("1,64,256" if gpu else "1,16,64")).split(",")]
+def run(session) -> None:
+    session.peers.update({b: PEERS for b in BENCHMARKS})
+    device, default = session.device, session.default_backend("consistency")
+    kinds = {"consistency_epilogue": (providers(session, cmfast_epilogue, eager_epilogue), 3),
+             "consistency_prologue": (providers(session, cmfast_prologue, eager_prologue), 2)}
+    for dtype in session.dtypes:
+        for batch in session.batches:
+            for side in QUICK_SIDES if session.quick else SIDES:
+                shape = (batch, 3, side, side)
 
-    ceilings = measure_ceilings(device)
-    print(f"{device_name(device)}: copy bandwidth {ceilings.bytes_per_s / 1e9:.1f} GB/s")
-    rows: list[Row] = []
-    for dtype in dtypes:
-        for batch in batches:
-            shape = (batch, 3, args.size, args.size)
-            nbytes = 3 * batch * 3 * args.size**2 * dtype.itemsize
-            sets = [
-                (torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype),
-                 torch.rand(batch, device=device) * 80 + SIGMA_MIN)
-                for _ in range(copies_to_beat_cache(nbytes, device))
-            ]
-            for name, fn in providers(device).items():
-                calls = [lambda fn=fn, s=s: fn(*s) for s in sets]
-                p20, p50, p80 = measure(calls, device)
-                gbs = nbytes / (p50 * 1e-3) / 1e9
-                rows.append(Row("consistency_epilogue", name, "x".join(map(str, shape)), str(dtype)[6:], batch,
-                                device_name(device), p20, p50, p80, gb_per_s=gbs,
-                                fraction_of_ceiling=gbs * 1e9 / ceilings.bytes_per_s))
-    add_ratios(rows, PEERS)
-    print(f"{'provider':<18}{'shape':<16}{'dtype':<10}{'p50 ms':>10}{'GB/s':>9}{'of copy':>9}  vs peers")
-    for r in rows:
-        print(f"{r.provider:<18}{r.shape:<16}{r.dtype:<10}{r.p50_ms:>10.4f}{r.gb_per_s:>9.1f}"
-              f"{r.fraction_of_ceiling:>9.0%}  {r.ratios}")
-    print("wrote", write_csv(rows, device, "consistency"))
+                def make():
+                    return (torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype),
+                            torch.rand(batch, device=device) * 80 + SIGMA_MIN)
+
+                for benchmark, (found, tensors) in kinds.items():
+                    nbytes = tensors * batch * 3 * side * side * dtype.itemsize
+                    sets = session.rotated(make, nbytes)
+                    for name, fn in found.items():
+                        args = (lambda s: s) if benchmark == "consistency_epilogue" else (lambda s: (s[0], s[2]))
+                        note = "default backend" if name == f"cmfast-{default}" else ""
+                        session.record(benchmark, name, [lambda fn=fn, a=args(s): fn(*a) for s in sets],
+                                       shape="x".join(map(str, shape)), dtype=dtype, batch=batch,
+                                       timing=session.kernel_timing, nbytes=nbytes, note=note)
+                    del sets
 
 
 if __name__ == "__main__":
-    main()
+    from .run import main
+
+    main(names=[NAME], prog="python -m benchmarks.bench_consistency")

@@ -1,32 +1,62 @@
-"""What every benchmark shares: a timer done right, the machine's own ceilings, and the long-format CSV.
+"""What every benchmark shares: the timer, the machine's own ceilings, input rotation, and the run's rows.
 
-Timing: warm-up calls excluded; per-call times from CUDA events on a GPU, perf_counter on the CPU; inputs
-rotated over enough copies to exceed the last-level cache, so a memory-bound kernel is not timed from cache;
-p20/p50/p80 reported. Ceilings are measured in the same run: a large copy (bytes/s) and a large matmul (FLOP/s).
+Timing: warm-up calls excluded; per-call times from CUDA events on a GPU, perf_counter on the CPU (Python's garbage
+collector paused while timing); p20/p50/p80 over at least `min_reps` calls and `min_seconds`. Inputs are rotated
+over enough copies that the rotated bytes exceed 4x the last-level cache (a memory-bound kernel is not timed from
+cache), within a memory cap.
+
+Ceilings, measured in the same run (at its start and again at its end; the better of the two is used):
+- bytes/s: a copy of a 256 MiB (CPU) / 1 GiB (GPU) buffer, counting bytes read + written, from the p20 of the
+  call times (the fast end: other processes on a shared machine can only slow a copy down, never speed it up).
+  The copy uses ordinary stores, like the kernels; a kernel that reads more than it writes can pass 100% a little
+  (its write-allocate traffic is a smaller share of its bytes).
+- FLOP/s per dtype: a large square matmul.
+On the CPU each row also records `other_load`: the share of the machine's CPU time that other processes took while
+the row was measured (0 = quiet). Rows measured under load are slower than the machine is; say so when quoting.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import math
+import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 import cmfast
+from cmfast import backends
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---- the machine ---------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def device_slug(device: torch.device) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in device_name(device).lower()).split())
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -39,9 +69,50 @@ def cache_bytes(device: torch.device) -> int:
         return 32 << 20
 
 
-def copies_to_beat_cache(bytes_per_call: int, device: torch.device, limit: int = 64) -> int:
-    """How many input sets to rotate through so that consecutive calls miss the last-level cache."""
-    return max(1, min(limit, math.ceil(2 * cache_bytes(device) / max(bytes_per_call, 1))))
+def copies_to_beat_cache(bytes_per_call: int, device: torch.device, limit: int = 1024) -> int:
+    """How many input sets to rotate through so that a call's inputs were evicted since their last use: the
+    rotated bytes reach 4x the last-level cache, within `limit` sets and a memory cap (1 GiB CPU, 4 GiB GPU)."""
+    cap = (4 << 30) if device.type == "cuda" else (1 << 30)
+    want = math.ceil(4 * cache_bytes(device) / max(bytes_per_call, 1))
+    return max(1, min(limit, want, cap // max(bytes_per_call, 1)))
+
+
+class OtherLoad:
+    """The share of all CPUs' time used by other processes between start() and stop() (Linux; else None)."""
+
+    @staticmethod
+    def _sample():
+        try:
+            parts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(parts) - parts[3] - (parts[4] if len(parts) > 4 else 0)  # everything but idle and iowait
+        own = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+    def start(self):
+        self.begin = self._sample()
+        return self
+
+    def stop(self) -> float | None:
+        end = self._sample()
+        if self.begin is None or end is None:
+            return None
+        busy, own, wall = (e - b for e, b in zip(end, self.begin))
+        if wall <= 0:
+            return None
+        return min(1.0, max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))))
+
+
+# ---- the timer -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    warmup: int = 3
+    min_reps: int = 10
+    min_seconds: float = 0.3
+    max_reps: int = 10_000
 
 
 def _sync(device: torch.device) -> None:
@@ -49,53 +120,95 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(calls, device: torch.device, *, warmup: int = 3, min_reps: int = 10, min_seconds: float = 0.5):
-    """Times the callables of `calls` in rotation; returns (p20, p50, p80) in milliseconds per call."""
-    for i in range(warmup):
+@dataclass(frozen=True)
+class Measured:
+    p20: float  # milliseconds per call
+    p50: float
+    p80: float
+    reps: int
+    other_load: float | None  # other processes' share of the CPUs during the timed calls (OtherLoad)
+
+
+def measure(calls, device: torch.device, timing: Timing = Timing()) -> Measured:
+    """Times the callables of `calls` in rotation, after the warm-up calls."""
+    for i in range(timing.warmup):
         calls[i % len(calls)]()
     _sync(device)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # no collection pauses inside the timed calls
     times: list[float] = []
-    start_all = time.perf_counter()
-    i = 0
-    while len(times) < min_reps or time.perf_counter() - start_all < min_seconds:
-        fn = calls[i % len(calls)]
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        i += 1
-        if len(times) >= 10_000:
-            break
-    q = statistics.quantiles(times, n=10)
-    return q[1], statistics.median(times), q[7]
+    load = OtherLoad().start()
+    try:
+        start_all = time.perf_counter()
+        i = 0
+        while len(times) < timing.min_reps or time.perf_counter() - start_all < timing.min_seconds:
+            fn = calls[i % len(calls)]
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            i += 1
+            if len(times) >= timing.max_reps:
+                break
+    finally:
+        if gc_was_on:
+            gc.enable()
+    other = load.stop()
+    if len(times) == 1:
+        return Measured(times[0], times[0], times[0], 1, other)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Measured(q[1], statistics.median(times), q[7], len(times), other)
+
+
+# ---- ceilings ------------------------------------------------------------------------------------------------
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
 class Ceilings:
-    bytes_per_s: float  # a large device-to-device copy: read + write bytes / time
-    flop_per_s: dict[str, float] = field(default_factory=dict)  # a large matmul, per dtype
+    bytes_per_s: float  # a large copy: read + write bytes / time
+    flop_per_s: dict[str, float] = field(default_factory=dict)  # a large matmul, per dtype name
+
+    def best(self, other: "Ceilings") -> "Ceilings":
+        keys = set(self.flop_per_s) | set(other.flop_per_s)
+        return Ceilings(max(self.bytes_per_s, other.bytes_per_s),
+                        {k: max(self.flop_per_s.get(k, 0.0), other.flop_per_s.get(k, 0.0)) for k in keys})
+
+    def describe(self) -> str:
+        flops = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in self.flop_per_s.items())
+        return f"copy {self.bytes_per_s / 1e9:.1f} GB/s; matmul {flops}"
 
 
-def measure_ceilings(device: torch.device, dtypes=(torch.float32,)) -> Ceilings:
-    n = (256 << 20) if device.type == "cuda" else (64 << 20)  # bytes per buffer, far beyond any cache
+def measure_ceilings(device: torch.device, dtypes=(torch.float32,), small: bool = False) -> Ceilings:
+    """small: a quick estimate (16x smaller buffers and matrices), for --quick runs whose numbers mean nothing."""
+    gpu = device.type == "cuda"
+    n = ((1 << 30) if gpu else (256 << 20)) >> (4 if small else 0)  # bytes per buffer: 8x a 32 MiB L3, 20x 50 MiB
     src = torch.empty(n // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    _, copy_ms, _ = measure([lambda: dst.copy_(src)], device, warmup=2, min_reps=5, min_seconds=0.3)
+    dst = torch.empty_like(src).fill_(1.0)  # touched: no page faults inside the timing
+    budget = 0.05 if small else 0.5
+    copy = measure([lambda: dst.copy_(src)], device, Timing(warmup=2, min_reps=10, min_seconds=budget))
+    del src, dst
     flops = {}
     for dtype in dtypes:
-        m = 8192 if device.type == "cuda" else 1536
+        m = (8192 if gpu else 2048) >> (2 if small else 0)
         a = torch.randn(m, m, device=device).to(dtype)
         b = torch.randn(m, m, device=device).to(dtype)
-        _, mm_ms, _ = measure([lambda: a @ b], device, warmup=2, min_reps=5, min_seconds=0.3)
-        flops[str(dtype).removeprefix("torch.")] = 2 * m**3 / (mm_ms * 1e-3)
-    return Ceilings(2 * n / (copy_ms * 1e-3), flops)
+        matmul = measure([lambda: a @ b], device, Timing(warmup=2, min_reps=5, min_seconds=budget))
+        flops[_short(dtype)] = 2 * m**3 / (matmul.p20 * 1e-3)
+    return Ceilings(2 * n / (copy.p20 * 1e-3), flops)
+
+
+# ---- rows and the run ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -109,46 +222,186 @@ class Row:
     p20_ms: float
     p50_ms: float
     p80_ms: float
-    gb_per_s: float | None = None
-    tflop_per_s: float | None = None
-    fraction_of_ceiling: float | None = None
-    ratios: str = ""  # "peer=x.xx;..." : how many times faster than each peer (peer p50 / this p50)
+    reps: int = 0
+    gb_per_s: float | None = None  # memory-bound benchmarks: the fewest bytes the call must move / p50
+    tflop_per_s: float | None = None  # compute-bound benchmarks: FLOPs / p50
+    fraction_of_ceiling: float | None = None  # of the copy bandwidth or the matmul FLOP/s of this dtype
+    ceiling: str = ""  # which ceiling, and its value
+    ratios: str = ""  # "peer=x.xx;...": how many times faster than each peer (peer p50 / this p50)
+    other_load: float | None = None
+    note: str = ""
     torch_version: str = torch.__version__
     triton_version: str = ""
     cmfast_version: str = cmfast.__version__
     timestamp: str = ""
 
 
-def add_ratios(rows: list[Row], peers: list[str]) -> None:
-    """Fill each row's `ratios` against the peers measured on the same benchmark, shape and dtype."""
-    by_key = {(r.benchmark, r.shape, r.dtype, r.provider): r for r in rows}
+COLUMNS = [f.name for f in fields(Row)]
+
+
+def add_ratios(rows: list[Row], peers: dict[str, tuple[str, ...]]) -> None:
+    """Fill each row's `ratios` against the peers of its benchmark measured at the same shape, dtype and batch."""
+    by_key = {(r.benchmark, r.shape, r.dtype, r.batch, r.provider): r for r in rows}
     for r in rows:
         parts = []
-        for peer in peers:
-            other = by_key.get((r.benchmark, r.shape, r.dtype, peer))
+        for peer in peers.get(r.benchmark, ()):
+            other = by_key.get((r.benchmark, r.shape, r.dtype, r.batch, peer))
             if other is not None and other is not r:
-                parts.append(f"{peer}={other.p50_ms / r.p50_ms:.2f}")
+                parts.append(f"{peer}={other.p50_ms / r.p50_ms:.3g}")
         r.ratios = ";".join(parts)
 
 
-def write_csv(rows: list[Row], device: torch.device, name: str) -> Path:
-    """benchmarks/results/<name>-<device>-<date>.csv, long format, one row per measurement."""
-    try:
-        import triton
+def triton_version() -> str:
+    ok, _ = backends.triton_status()
+    if not ok:
+        return "none"
+    import triton
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for r in rows:
-        r.triton_version, r.timestamp = triton_version, stamp
-    slug = "".join(c if c.isalnum() else "-" for c in device_name(device)).strip("-").lower()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}-{slug}-{stamp[:10]}.csv"
+    return triton.__version__
+
+
+def write_csv(rows: list[Row], path: Path) -> Path:
+    """The rows, long format, one per measurement (written to a temporary file, then moved in place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0])))
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     tmp.replace(path)
     return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def unique_path(out: Path, stem: str, suffix: str = ".csv") -> Path:
+    """out/stem.csv, or out/stem-2.csv, ... when a run of the same day already wrote one."""
+    path, n = out / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = out / f"{stem}-{n}{suffix}"
+    return path
+
+
+class Session:
+    """One run of the suite on one device: its options, ceilings, rows and CSV. Rows are written after every
+    measurement, so a run that is stopped leaves what it measured."""
+
+    def __init__(self, device: torch.device, dtypes, batches, *, quick: bool = False, compile_models: bool = False,
+                 compile_kernels: bool = True, models=("imagenet64", "lsun256"), out: Path = RESULTS, log=print):
+        self.device, self.dtypes, self.batches, self.models = device, list(dtypes), list(batches), tuple(models)
+        self.quick, self.compile_models, self.compile_kernels = quick, compile_models, compile_kernels
+        self.gpu = device.type == "cuda"
+        self.log = log
+        self.rows: list[Row] = []
+        self.failures: list[str] = []
+        self.peers: dict[str, tuple[str, ...]] = {}
+        self.name = device_name(device)
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self.csv_path = unique_path(Path(out), f"{device_slug(device)}-{self.started.date().isoformat()}")
+        self._triton = triton_version()
+        busy = OtherLoad().start()
+        self.ceilings_start = measure_ceilings(device, self._ceiling_dtypes(), small=quick)
+        self.ceilings = self.ceilings_start
+        log(f"{self.name}: {self.ceilings.describe()} (ceilings at start)")
+        other = busy.stop()
+        if not self.gpu and other is not None and other > 0.1:
+            log(f"WARNING: other processes are using {other:.0%} of the CPUs: timings will be slower than this machine "
+                "is (see the other_load column)")
+
+    def _ceiling_dtypes(self) -> list[torch.dtype]:
+        return sorted(set(self.dtypes) | {torch.float32}, key=str)  # fp32: the U-Net's embeddings and head
+
+    # timing budgets: kernels take microseconds to milliseconds, whole models up to tens of seconds on a CPU
+    @property
+    def kernel_timing(self) -> Timing:
+        if self.quick:
+            return Timing(warmup=1, min_reps=3, min_seconds=0.0)
+        return Timing(warmup=3, min_reps=25, min_seconds=0.1) if self.gpu else Timing(warmup=3, min_reps=10,
+                                                                                       min_seconds=0.3)
+
+    @property
+    def model_timing(self) -> Timing:
+        if self.quick:
+            return Timing(warmup=1, min_reps=3, min_seconds=0.0)
+        return Timing(warmup=2, min_reps=5, min_seconds=0.2) if self.gpu else Timing(warmup=1, min_reps=3,
+                                                                                      min_seconds=0.0)
+
+    def compile(self, fn):
+        """torch.compile of `fn` as a user would write it: static shapes on the CPU (each call site of the U-Net has
+        one shape), automatic dynamic shapes on a GPU (fewer recompiles in a time-boxed GPU job)."""
+        return torch.compile(fn, dynamic=False if not self.gpu else None)
+
+    def cmfast_backends(self, op: str) -> list[str]:
+        """The backends of `op` that run on this device (Triton on a GPU only: its CPU interpreter is for tests)."""
+        from cmfast.ops import IMPLEMENTED
+
+        return [name for name in IMPLEMENTED[op]
+                if backends.availability(name, self.device)[0] and (name != "triton" or self.gpu)]
+
+    def default_backend(self, op: str) -> str:
+        from cmfast.ops import IMPLEMENTED
+
+        return backends.choose(op, self.device, IMPLEMENTED[op])
+
+    def rotated(self, make, bytes_per_call: int) -> list:
+        return [make() for _ in range(copies_to_beat_cache(bytes_per_call, self.device))]
+
+    def record(self, benchmark: str, provider: str, calls, *, shape: str, dtype, batch: int, timing: Timing,
+               nbytes: int | None = None, flop: float | None = None, note: str = "") -> Row | None:
+        """Time `calls` (callables in rotation) and add a row; a provider that fails is logged and skipped."""
+        dtype_name = dtype if isinstance(dtype, str) else _short(dtype)
+        try:
+            m = measure(calls, self.device, timing)
+        except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)
+            if self.gpu and isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            message = f"{benchmark} {provider} {shape} {dtype_name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            self.failures.append(message)
+            self.log("FAILED " + message)
+            return None
+        other = m.other_load
+        row = Row(benchmark, provider, shape, dtype_name, batch, self.name, m.p20, m.p50, m.p80, reps=m.reps,
+                  other_load=None if self.gpu or other is None else round(other, 3), note=note,
+                  triton_version=self._triton)
+        if nbytes is not None:
+            row.gb_per_s = nbytes / (m.p50 * 1e-3) / 1e9
+            row.ceiling = "copy"
+        elif flop is not None:
+            row.tflop_per_s = flop / (m.p50 * 1e-3) / 1e12
+            row.ceiling = f"matmul-{dtype_name}"
+        self.rows.append(row)
+        rate = (f"{row.gb_per_s:8.1f} GB/s" if row.gb_per_s is not None
+                else f"{row.tflop_per_s:8.3f} TFLOP/s" if row.tflop_per_s is not None else "")
+        busy = f"  (other processes: {other:.0%} of the CPUs)" if not self.gpu and other and other > 0.05 else ""
+        self.log(f"  {benchmark:<22}{provider:<28}{shape:<30}{dtype_name:<10}p50 {m.p50:10.4f} ms {rate}{busy}")
+        self.flush()
+        return row
+
+    def finish(self) -> None:
+        """Measure the ceilings again (the better of start and end counts) and write the final CSV."""
+        end = measure_ceilings(self.device, self._ceiling_dtypes(), small=self.quick)
+        self.log(f"{self.name}: {end.describe()} (ceilings at end)")
+        self.ceilings = self.ceilings_start.best(end)
+        self.flush()
+
+    def flush(self) -> None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for r in self.rows:
+            if r.ceiling.startswith("copy"):
+                value = self.ceilings.bytes_per_s
+                r.fraction_of_ceiling = r.gb_per_s * 1e9 / value
+                r.ceiling = f"copy {value / 1e9:.1f} GB/s"
+            elif r.ceiling.startswith("matmul-"):
+                kind = r.ceiling.split()[0]
+                value = self.ceilings.flop_per_s.get(kind.removeprefix("matmul-"))
+                if value:
+                    r.fraction_of_ceiling = r.tflop_per_s * 1e12 / value
+                    r.ceiling = f"{kind} {value / 1e12:.3g} TFLOP/s"
+            r.timestamp = r.timestamp or stamp
+        add_ratios(self.rows, self.peers)
+        if self.rows:
+            write_csv(self.rows, self.csv_path)

@@ -1,0 +1,73 @@
+"""GroupNorm(32) with the ResBlock's fused epilogue, y = SiLU(GN(x) * (1 + scale) + shift), at the ImageNet-64
+U-Net's widths and resolutions (C in 192..768, H = W in 64..8).
+
+Providers, same inputs, one run: each cmfast backend of `group_norm` that runs on the device; torch eager, the
+reference's composite (F.group_norm in fp32, cast back, scale/shift and SiLU in the storage dtype, as the
+reference's fp16 mode does); torch.compile of that composite. Memory bound: GB/s counts x read once and y written
+once (plus the per-channel vectors), the fewest bytes the op must move.
+usage: python -m benchmarks.bench_group_norm [runner options] (see python -m benchmarks --help)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cmfast import backends, ops
+
+NAME = "group_norm"
+BENCHMARKS = ("group_norm",)
+PEERS = ("torch-eager", "torch-compile")
+SHAPES = [(c, side) for c in (192, 384, 576, 768) for side in (64, 32, 16, 8)]  # (channels, H = W)
+QUICK_SHAPES = [(64, 8), (96, 4)]
+GROUPS, EPS = 32, 1e-5
+
+
+def eager(x, weight, bias, scale, shift):
+    y = F.group_norm(x.float(), GROUPS, weight, bias, EPS).to(x.dtype)
+    return F.silu(y * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+
+
+def providers(session) -> dict:
+    found = {}
+    for name in session.cmfast_backends("group_norm"):
+
+        def run(x, weight, bias, scale, shift, name=name):
+            with backends.use_backend(name):
+                return ops.group_norm(x, weight, bias, num_groups=GROUPS, eps=EPS, scale=scale, shift=shift, silu=True)
+
+        found[f"cmfast-{name}"] = run
+    found["torch-eager"] = eager
+    if session.compile_kernels and not session.quick:
+        found["torch-compile"] = session.compile(eager)
+    return found
+
+
+def run(session) -> None:
+    session.peers.update({b: PEERS for b in BENCHMARKS})
+    device, default = session.device, session.default_backend("group_norm")
+    found = providers(session)
+    for dtype in session.dtypes:
+        for batch in session.batches:
+            for channels, side in QUICK_SHAPES if session.quick else SHAPES:
+                shape = (batch, channels, side, side)
+                nbytes = 2 * batch * channels * side * side * dtype.itemsize + 2 * batch * channels * dtype.itemsize
+
+                def make():
+                    return (torch.randn(shape, device=device).to(dtype),
+                            1 + 0.1 * torch.randn(channels, device=device), 0.1 * torch.randn(channels, device=device),
+                            (0.1 * torch.randn(batch, channels, device=device)).to(dtype),
+                            (0.1 * torch.randn(batch, channels, device=device)).to(dtype))
+
+                sets = session.rotated(make, nbytes)
+                for name, fn in found.items():
+                    note = "default backend" if name == f"cmfast-{default}" else ""
+                    session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets], shape="x".join(map(str, shape)),
+                                   dtype=dtype, batch=batch, timing=session.kernel_timing, nbytes=nbytes, note=note)
+                del sets
+
+
+if __name__ == "__main__":
+    from .run import main
+
+    main(names=[NAME], prog="python -m benchmarks.bench_group_norm")

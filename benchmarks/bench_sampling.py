@@ -1,0 +1,304 @@
+"""The whole model: the ADM U-Net forward, one-step and two-step sampling at ImageNet-64 (cd_imagenet64_l2's
+architecture), and one-step sampling at LSUN-256 (ct_bedroom256's), with random weights (every parameter drawn,
+none left at zero), the same weights in every provider.
+
+unet_forward providers: cmfast (the backends cmfast picks), cmfast-channels-last, cmfast-reference (the same U-Net
+with the reference backend forced for every op: the reference-style eager model), diffusers (UNet2DModel), and
+convs-only: the U-Net's convolutions alone, each run on an input of the shape it gets in the forward, one after the
+other, so the time the rest of the model adds (norms, attention, elementwise ops, copies) is the difference.
+sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), diffusers-pipeline
+(ConsistencyModelPipeline, num_inference_steps=1 / timesteps=[22, 0], output_type="pt"), and
+diffusers-pipeline+cmfast (that pipeline with its unet swapped for cmfast.swap(unet)).
+With --compile: cmfast-compile and diffusers-compile (torch.compile of each U-Net, reused by the samplers). On this
+CPU class that costs minutes of cold compile per model and batch, hence opt-in.
+
+Work: FLOPs of one forward counted once per model (convolutions and linears by torch's FlopCounterMode, attention
+as 4 B C T^2 from each attention block's input), times the network calls. Reported as TFLOP/s and the fraction of the
+matmul FLOP/s of the dtype. On a GPU, half dtypes run cmfast in the reference's mixed mode (block convolutions in
+the dtype, embeddings and head in fp32) and diffusers' UNet2DModel wholly in the dtype.
+usage: python -m benchmarks.bench_sampling [runner options] (see python -m benchmarks --help)
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import cmfast
+from cmfast.models import PRESETS
+from cmfast.models.unet import AttentionBlock
+
+NAME = "sampling"
+BENCHMARKS = ("unet_forward", "sample_1step", "sample_2step")
+PEERS = ("cmfast-reference", "diffusers", "diffusers-compile", "diffusers-pipeline", "diffusers-pipeline-compile")
+# preset -> the diffusers scheduler's num_train_timesteps (SPEC.md section 2) and the two-step schedule
+IMAGENET = ("cd_imagenet64_l2", 40, [22, 0])
+LSUN = ("ct_bedroom256", 151, None)
+QUICK_IMAGENET = ("test_imagenet", 40, [22, 0])
+QUICK_LSUN = ("test_lsun", 40, None)
+TWO_STEP_SIGMAS = [80.0, 1.3824]  # cd_imagenet64's tuned schedule, ts = 0, 22, 39 on the 40-point grid
+
+
+def has_diffusers() -> bool:
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def _random_cmfast_unet(preset: str, device, dtype) -> cmfast.UNet:
+    """Without diffusers: a cmfast U-Net whose every parameter is drawn (none left at zero)."""
+    unet = cmfast.UNet(PRESETS[preset].unet)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.dim() > 1 else 10))
+    unet = unet.to(device).eval()
+    return unet.set_precision({torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32"))
+
+
+@dataclass
+class Models:
+    """One architecture with one set of random weights, as every provider needs it."""
+
+    preset: str
+    image_size: int
+    num_classes: int | None
+    unet: cmfast.UNet
+    diffusers: object = None  # UNet2DModel
+    pipe: object = None  # ConsistencyModelPipeline around it
+    pipe_cmfast: object = None  # the same pipeline with cmfast.swap(unet) inside
+    compiled: dict | None = None  # "cmfast-compile" / "diffusers-compile" -> torch.compile of that U-Net
+    pipe_compiled: object = None  # the pipeline with the compiled UNet2DModel inside
+    warm: set = field(default_factory=set)  # (eager U-Net "cmfast" / "diffusers", batch) already run on this CPU
+
+    def timing(self, session, model: str, batch: int):
+        """The session's model timing, without warm-up calls for an eager U-Net this run already called at this
+        batch on the CPU (a warm-up there costs seconds to tens of seconds; on a GPU they are cheap, so kept)."""
+        timing = session.model_timing
+        if session.gpu or (model, batch) not in self.warm:
+            self.warm.add((model, batch))
+            return timing
+        return replace(timing, warmup=0)
+
+
+def build(spec, session, dtype) -> Models:
+    preset, train_steps, _ = spec
+    config = PRESETS[preset].unet
+    device = session.device
+    dm = pipe = pipe_cmfast = None
+    if has_diffusers():
+        from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+        from tests.reference_models import diffusers_unet
+
+        dm = diffusers_unet(preset, torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        wrapper = cmfast.swap(dm)
+        unet = wrapper.unet
+
+        def pipeline(model):
+            scheduler = CMStochasticIterativeScheduler(num_train_timesteps=train_steps, sigma_min=0.002, sigma_max=80.0)
+            p = ConsistencyModelPipeline(unet=dm, scheduler=scheduler)
+            p.unet = model
+            p.set_progress_bar_config(disable=True)
+            return p
+
+        pipe, pipe_cmfast = pipeline(dm), pipeline(wrapper)
+    else:
+        session.log("  diffusers is not installed: its providers are left out")
+        unet = _random_cmfast_unet(preset, device, dtype)
+    models = Models(preset, config.image_size, config.num_classes, unet, dm, pipe, pipe_cmfast)
+    if session.compile_models and not session.quick:
+        models.compiled = {"cmfast-compile": session.compile(unet)}
+        if dm is not None:
+            models.compiled["diffusers-compile"] = session.compile(dm)
+            models.pipe_compiled = pipeline(models.compiled["diffusers-compile"])
+    return models
+
+
+@dataclass
+class Analysis:
+    flop_per_image: float  # one forward
+    conv_flop_per_image: float
+    convs: list  # (module, input shape without the batch, dtype, channels_last) in call order
+
+
+def analyse(models: Models, device) -> Analysis:
+    """One instrumented forward at batch 1: its FLOPs and the convolutions it runs, with their inputs' shapes."""
+    unet, convs, attention_flop = models.unet, [], [0]
+
+    def on_conv(module, args):
+        x = args[0]
+        convs.append((module, tuple(x.shape[1:]), x.dtype,
+                      x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+
+    def on_attention(module, args):
+        x = args[0]
+        attention_flop[0] += 4 * x.shape[0] * x.shape[1] * math.prod(x.shape[2:]) ** 2
+
+    hooks = [m.register_forward_pre_hook(on_conv) for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(on_attention) for m in unet.modules() if isinstance(m, AttentionBlock)]
+    x, t, y = unet_inputs(models, 1, device)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    models.warm.add(("cmfast", 1))
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    conv = counts.get("aten.convolution", 0)
+    return Analysis(counter.get_total_flops() + attention_flop[0], conv, convs)
+
+
+def unet_inputs(models: Models, batch: int, device):
+    """x (fp32), per-sample network times and labels (None for unconditional models)."""
+    gen = torch.Generator().manual_seed(batch)
+    size = models.image_size
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    t = (250 * torch.log(torch.rand(batch, generator=gen) * 80 + 0.002)).to(device)
+    y = None if models.num_classes is None else torch.randint(models.num_classes, (batch,), generator=gen).to(device)
+    return x, t, y
+
+
+def convs_only(analysis: Analysis, batch: int, device):
+    """A call that runs every convolution of the forward once, on an input of the shape it gets there."""
+    inputs = {}
+    plan = []
+    for module, shape, dtype, channels_last in analysis.convs:
+        key = (shape, dtype, channels_last)
+        if key not in inputs:
+            x = torch.randn((batch, *shape), device=device, dtype=dtype)
+            inputs[key] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        plan.append((module, inputs[key]))
+
+    @torch.no_grad()
+    def run():
+        for module, x in plan:
+            module(x)
+
+    return run
+
+
+def _backends_note(session) -> str:
+    return " ".join(f"{op}={session.default_backend(op)}" for op in ("group_norm", "attention", "consistency"))
+
+
+def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype) -> None:
+    """Each U-Net called as its own sampler calls it (so a compiled U-Net serves both without a recompile): cmfast
+    with fp32 x and per-sample times, as the Denoiser does; diffusers with x in its dtype and one 0-dim float64
+    time, as ConsistencyModelPipeline does."""
+    device = session.device
+    x, t, y = unet_inputs(models, batch, device)
+    x_model, t_model = x.to(dtype), t[0].double()
+    unet, dm = models.unet, models.diffusers
+    shape = f"{models.preset}:{batch}x3x{models.image_size}x{models.image_size}"
+    flop = analysis.flop_per_image * batch
+
+    def record(provider, fn, note="", work=flop, model=None):
+        timing = models.timing(session, model, batch) if model else session.model_timing
+        session.record("unet_forward", provider, [torch.no_grad()(fn)], shape=shape, dtype=dtype, batch=batch,
+                       timing=timing, flop=work, note=note)
+
+    record("cmfast", lambda: unet(x, t, y), _backends_note(session), model="cmfast")
+    with cmfast.use_backend("reference"):  # forced on the thread that times, for the whole measurement
+        record("cmfast-reference", lambda: unet(x, t, y), "every op on its reference backend")
+    unet.set_channels_last(True)
+    try:
+        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session))
+    finally:
+        unet.set_channels_last(False)
+    if dm is not None:
+        record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel",
+               model="diffusers")
+    for provider, compiled in (models.compiled or {}).items():
+        if provider == "diffusers-compile":
+            record(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
+                   "torch.compile(UNet2DModel)")
+        else:
+            record(provider, lambda c=compiled: c(x, t, y), "torch.compile(cmfast.UNet)")
+    record("convs-only", convs_only(analysis, batch, device),
+           f"{len(analysis.convs)} convolutions: {analysis.conv_flop_per_image / 1e9:.1f} of "
+           f"{analysis.flop_per_image / 1e9:.1f} GFLOP/image", work=analysis.conv_flop_per_image * batch)
+
+
+def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_step: list | None) -> None:
+    """sample_1step (two_step None) or sample_2step (two_step = the pipeline's timesteps)."""
+    device = session.device
+    benchmark = "sample_2step" if two_step else "sample_1step"
+    sigmas = TWO_STEP_SIGMAS if two_step else [80.0]
+    steps = {"timesteps": two_step, "num_inference_steps": None} if two_step else {"num_inference_steps": 1}
+    size = models.image_size
+    _, _, y = unet_inputs(models, batch, device)
+    shape = f"{models.preset}:{batch}x3x{size}x{size}"
+    flop = analysis.flop_per_image * batch * len(sigmas)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def cmfast_call(unet):
+        denoiser = cmfast.Denoiser(unet)
+
+        def run():
+            x = 80.0 * torch.randn(batch, 3, size, size, device=device, generator=gen)
+            return cmfast.sample(denoiser, x, sigmas, y=y, generator=gen)
+
+        return run
+
+    def pipe_call(pipe):
+        return lambda: pipe(batch_size=batch, class_labels=y, generator=gen, output_type="pt", **steps).images
+
+    # provider -> (call, note, the eager U-Net inside it or None)
+    providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session), "cmfast")}
+    if models.pipe is not None:
+        providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline", "diffusers")
+        providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",
+                                                  "cmfast")
+    if models.compiled:
+        providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))",
+                                       None)
+    if models.pipe_compiled is not None:
+        providers["diffusers-pipeline-compile"] = (pipe_call(models.pipe_compiled), "pipe.unet = torch.compile(unet)",
+                                                   None)
+    for provider, (fn, note, model) in providers.items():
+        timing = models.timing(session, model, batch) if model else session.model_timing
+        session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch, timing=timing, flop=flop,
+                       note=note)
+
+
+def run(session) -> None:
+    session.peers.update({b: PEERS for b in BENCHMARKS})
+    imagenet, lsun = (QUICK_IMAGENET, QUICK_LSUN) if session.quick else (IMAGENET, LSUN)
+    lsun_batches = session.batches if session.gpu else session.batches[:1]  # minutes per call on a CPU
+    for dtype in session.dtypes:
+        plan = {"imagenet64": (imagenet, session.batches, ("unet_forward", "sample_1step", "sample_2step")),
+                "lsun256": (lsun, lsun_batches, ("sample_1step",))}
+        for spec, batches, benchmarks in (plan[m] for m in session.models):
+            session.log(f"building {spec[0]} ({dtype}) with random weights")
+            models = build(spec, session, dtype)
+            analysis = analyse(models, session.device)
+            session.log(f"  {spec[0]}: {analysis.flop_per_image / 1e9:.1f} GFLOP per image per forward, "
+                        f"{analysis.conv_flop_per_image / 1e9:.1f} in {len(analysis.convs)} convolutions")
+            for batch in batches:
+                try:
+                    if "unet_forward" in benchmarks:
+                        unet_forward(session, models, analysis, batch, dtype)
+                    if "sample_1step" in benchmarks:
+                        sample(session, models, analysis, batch, dtype, None)
+                    if "sample_2step" in benchmarks:
+                        sample(session, models, analysis, batch, dtype, spec[2])
+                except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: the next model goes on
+                    session.failures.append(f"{spec[0]} batch {batch} {dtype}: out of memory ({str(e)[:120]})")
+                    session.log(f"FAILED {spec[0]} batch {batch}: out of memory; larger batches skipped")
+                    torch.cuda.empty_cache()
+                    break
+            del models, analysis
+            gc.collect()
+            if session.gpu:
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    from .run import main
+
+    main(names=[NAME], prog="python -m benchmarks.bench_sampling")

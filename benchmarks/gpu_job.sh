@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The whole GPU job in one lent-machine call of under 10 minutes (an H100 or H200 of the device tool):
+#   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
+#   importlib_metadata from carried wheels), build cmfast._C with its CUDA part in place, record `cmfast info`,
+#   nvidia-smi -q and pip list, run the GPU tests (pytest -m gpu), the benchmark suite in float16 and bfloat16 at
+#   batch 1, 16, 64, 256 (kernels with their torch.compile peers; whatever does not fit in memory is logged and
+#   skipped), the whole test suite, then the U-Net/pipeline torch.compile peers at float16 batch 64, and the
+#   summaries. Every step is time-boxed (timeout) within one deadline; a failed step is recorded in steps.tsv and
+#   the job goes on. Everything lands in $OUT, at most 8 files (the device tool's limit):
+#     gpu-job.tar.gz (all logs, CSVs, PNGs, cmfast-info.txt, nvidia-smi-q.txt, pip-list.txt), the CSVs,
+#     summary.md, steps.tsv, job.log.
+#
+# Here, once (pip needs the network, the GPU machine has none):  bash benchmarks/gpu_job.sh --fetch-wheels
+# Then, through the device tool:  run(command="bash benchmarks/gpu_job.sh", carry=[".whl"], timeout_s=600)
+# Without a device tool, from a checkout on a GPU machine:         OUT=/some/dir bash benchmarks/gpu_job.sh
+# Knobs: CMFAST_JOB_SECONDS (deadline of the whole job, default 560), PYTHON (default python3),
+#        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count); for a dry run on a
+#        CPU: CMFAST_JOB_DEVICE=cpu CMFAST_JOB_DTYPES=float32 CMFAST_JOB_BATCHES=1 CMFAST_JOB_COMPILE_BATCH=1
+#        CMFAST_JOB_BENCH_ARGS=--quick.
+set -uo pipefail  # no -e: a failing step is recorded and the job goes on
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+PY=${PYTHON:-python3}
+DIFFUSERS_WHEELS=("diffusers==0.42.1" "importlib_metadata==10.2.0")  # what the GPU image lacks for the peers
+
+if [[ ${1:-} == --fetch-wheels ]]; then
+  mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${DIFFUSERS_WHEELS[@]}"
+  ls -l .whl
+  exit
+fi
+if [[ $# -gt 0 ]]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 2
+fi
+
+DEVICE=${CMFAST_JOB_DEVICE:-cuda}
+DTYPES=${CMFAST_JOB_DTYPES:-float16,bfloat16}
+BATCHES=${CMFAST_JOB_BATCHES:-1,16,64,256}
+COMPILE_BATCH=${CMFAST_JOB_COMPILE_BATCH:-64}  # the compiled U-Net/pipeline peers: one batch, the first dtype
+read -r -a BENCH_ARGS <<< "${CMFAST_JOB_BENCH_ARGS:-}"
+START=$(date +%s)
+BUDGET=${CMFAST_JOB_SECONDS:-560}
+RESERVE=25  # seconds kept for the summaries and the packing at the end
+OUT=${OUT:-$ROOT/out/gpu-job}
+WORK=$(mktemp -d /tmp/cmfast-gpu-job.XXXXXX)
+mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
+printf 'step\trc\tseconds\tlimit\n' > "$WORK/steps.tsv"
+exec > >(tee "$WORK/job.log") 2>&1
+
+# step NAME LIMIT CMD...: CMD under `timeout` (LIMIT seconds, less if the deadline is nearer), output in
+# logs/NAME.log (its tail echoed), rc and duration in steps.tsv. rc 124 = stopped by the time box.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((START + BUDGET - RESERVE - $(date +%s)))
+  if ((left < 10)); then
+    printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$WORK/steps.tsv"
+    echo "== $name: skipped, no time left"
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (up to ${limit}s): $*"
+  local t0 rc
+  t0=$(date +%s)
+  timeout -k 15 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
+  rc=$?
+  tail -n 15 "$WORK/logs/$name.log"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" "$limit" >> "$WORK/steps.tsv"
+  echo "== $name: rc $rc after $(($(date +%s) - t0))s"
+  return $rc
+}
+
+pack() {
+  cp "$WORK"/results/*.csv "$OUT"/ 2>/dev/null
+  cp "$WORK/steps.tsv" "$OUT/steps.tsv"
+  [[ -f $WORK/summary.md ]] && cp "$WORK/summary.md" "$OUT/summary.md"
+  tar czf "$OUT/gpu-job.tar.gz" -C "$WORK" --exclude=job.log . 2>/dev/null
+  cp "$WORK/job.log" "$OUT/job.log" 2>/dev/null
+  echo "== $(($(date +%s) - START))s in all; in $OUT:"
+  ls -l "$OUT"
+}
+trap pack EXIT
+
+# 1. environment: the machine's python, plus the carried wheels; the source tree on the path (in-place build)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/cmfast-site .whl/*.whl
+  export PYTHONPATH=/tmp/cmfast-site
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if m == 9 else ""))' 2>/dev/null)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0a}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+"$PY" -m pip list > "$WORK/pip-list.txt" 2>&1
+nvidia-smi -q > "$WORK/nvidia-smi-q.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__)'
+"$PY" -c 'import diffusers, matplotlib; print("diffusers", diffusers.__version__, "matplotlib", matplotlib.__version__)' ||
+  echo "diffusers or matplotlib missing: the diffusers peers or the plots are left out (carry .whl, see the header)"
+
+# 2. the CUDA extension, in place (cmfast/_C.cpython-3xx-*.so beside the sources)
+step build 240 env CMFAST_CUDA=1 "$PY" setup.py build_ext --inplace
+step info 60 "$PY" -m cmfast info
+cp "$WORK/logs/info.log" "$WORK/cmfast-info.txt"
+
+# 3. GPU tests first (they are what a lent GPU is for), then the benchmarks, then the rest of the suite
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 120)  # one hung test must not eat the step
+step test-gpu 120 "${PYTEST[@]}" -m gpu tests
+step bench 210 "$PY" -m cmfast bench --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" \
+  --out "$WORK/results" "${BENCH_ARGS[@]}"
+step test-all 150 "${PYTEST[@]}" tests
+step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
+  --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" \
+  --out "$WORK/results" "${BENCH_ARGS[@]}"
+
+# 4. the summaries (also of a run stopped by its time box: its CSV holds the rows measured so far)
+RESERVE=0
+for csv in "$WORK"/results/*.csv; do
+  [[ -f $csv ]] || continue
+  step "plots-$(basename "$csv" .csv)" 20 "$PY" -m benchmarks.plots "$csv"
+  "$PY" -m benchmarks.summary "$csv" >> "$WORK/summary.md" 2>&1
+done
+exit 0

@@ -1,0 +1,127 @@
+"""The benchmark suite in its --quick mode on the CPU (tiny shapes, test-sized models, no torch.compile): every
+module runs, writes the CSV columns, computes the ratios to its peers, and its peers compute the op they stand in
+for. Nothing here asserts a speed."""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed; it runs from the source tree
+
+from benchmarks import bench_attention, bench_consistency, bench_group_norm, run  # noqa: E402
+from benchmarks.common import COLUMNS, read_csv  # noqa: E402
+from benchmarks.summary import markdown, write_readme  # noqa: E402
+
+import cmfast  # noqa: E402
+from cmfast import ops  # noqa: E402
+
+
+def quick_args(tmp_path, names):
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    return parser.parse_args([*names, "--quick", "--device", "cpu", "--batches", "1,2", "--threads", "1",
+                              "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("name", list(run.MODULES))
+def test_quick_run_writes_rows_with_ratios(name, tmp_path):
+    logged = []
+    session = run.run(quick_args(tmp_path, [name]), log=logged.append)
+    assert not session.failures, session.failures
+    csvs = list(tmp_path.glob("*.csv"))
+    assert csvs == [session.csv_path]
+    rows = read_csv(session.csv_path)
+    assert rows and list(rows[0]) == COLUMNS
+    module = __import__(f"benchmarks.{run.MODULES[name]}", fromlist=["BENCHMARKS", "PEERS"])
+    assert {r["benchmark"] for r in rows} <= set(module.BENCHMARKS)
+    assert {r["batch"] for r in rows} == {"1", "2"}
+    for r in rows:
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
+        assert r["device"] and r["torch_version"] == torch.__version__ and r["timestamp"]
+        rate = r["gb_per_s"] or r["tflop_per_s"]
+        assert float(rate) > 0 and float(r["fraction_of_ceiling"]) > 0 and r["ceiling"]
+    # every row whose benchmark and shape have a peer measured beside it names that peer with p50 ratio
+    by_key = {(r["benchmark"], r["shape"], r["dtype"], r["provider"]): r for r in rows}
+    checked = 0
+    for r in rows:
+        for peer in module.PEERS:
+            other = by_key.get((r["benchmark"], r["shape"], r["dtype"], peer))
+            if other is None or other is r:
+                continue
+            ratios = dict(part.split("=") for part in r["ratios"].split(";"))
+            assert math.isclose(float(ratios[peer]), float(other["p50_ms"]) / float(r["p50_ms"]), rel_tol=0.01)
+            checked += 1
+    assert checked
+    # the plots and the summary table
+    pytest.importorskip("matplotlib")
+    for benchmark in {r["benchmark"] for r in rows}:
+        assert (tmp_path / f"{session.csv_path.stem}-{benchmark}.png").stat().st_size > 0
+    text = markdown(session.csv_path)
+    assert all(f"**{b}**" in text for b in {r["benchmark"] for r in rows})
+
+
+def test_a_second_run_the_same_day_gets_its_own_csv(tmp_path):
+    first = run.run(quick_args(tmp_path, ["consistency"]), log=lambda _: None)
+    second = run.run(quick_args(tmp_path, ["consistency"]), log=lambda _: None)
+    assert first.csv_path != second.csv_path and first.csv_path.exists() and second.csv_path.exists()
+
+
+def test_summary_writes_only_between_existing_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- bench:start -->\nold\n<!-- bench:end -->\ntail\n")
+    assert write_readme("new table\n", readme)
+    assert readme.read_text() == "# x\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\ntail\n"
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    assert not write_readme("new table\n", plain)
+    assert plain.read_text() == "# no markers\n"
+
+
+def test_unknown_benchmark_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        run.run(quick_args(tmp_path, ["nonsense"]), log=lambda _: None)
+
+
+def test_the_cli_has_a_bench_command():
+    from cmfast.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "group_norm", "--quick", "--device", "cpu", "--dtypes", "float32"])
+    assert args.names == ["group_norm"] and args.quick and args.dtypes == ["float32"]
+
+
+# ---- the peers compute what the cmfast op computes --------------------------------------------------------------
+
+
+def test_group_norm_peer_is_the_op(gen):
+    x = torch.randn(2, 64, 8, 8, generator=gen)
+    w, b = 1 + 0.1 * torch.randn(64, generator=gen), 0.1 * torch.randn(64, generator=gen)
+    scale, shift = 0.1 * torch.randn(2, 64, generator=gen), 0.1 * torch.randn(2, 64, generator=gen)
+    with cmfast.use_backend("reference"):
+        want = ops.group_norm(x, w, b, scale=scale, shift=shift, silu=True)
+    torch.testing.assert_close(bench_group_norm.eager(x, w, b, scale, shift), want)
+
+
+def test_attention_peers_are_the_op(gen):
+    qkv = torch.randn(2, 3 * 128, 4, 4, generator=gen)
+    with cmfast.use_backend("reference"):
+        want = ops.attention(qkv, 2)
+    torch.testing.assert_close(bench_attention.eager(qkv, 2), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bench_attention.sdpa(qkv, 2), want, rtol=1e-4, atol=1e-5)
+
+
+def test_consistency_peers_are_the_op(gen):
+    x, f = torch.randn(3, 3, 8, 8, generator=gen), torch.randn(3, 3, 8, 8, generator=gen)
+    sigma = torch.rand(3, generator=gen) * 80 + 0.002
+    with cmfast.use_backend("reference"):
+        epilogue = ops.consistency_epilogue(x, f, sigma, clamp=True)
+        x_in, t_in = ops.consistency_prologue(x, sigma)
+    torch.testing.assert_close(bench_consistency.eager_epilogue(x, f, sigma), epilogue)
+    got_x, got_t = bench_consistency.eager_prologue(x, sigma)
+    torch.testing.assert_close(got_x, x_in)
+    torch.testing.assert_close(got_t, t_in)
