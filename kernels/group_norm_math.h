@@ -4,11 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define CMFAST_HD __host__ __device__ __forceinline__
-#else
-#define CMFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace cmfast {
 

@@ -3,11 +3,7 @@
 #pragma once
 #include <math.h>
 
-#if defined(__CUDACC__)
-#define CMFAST_HD __host__ __device__ __forceinline__
-#else
-#define CMFAST_HD inline
-#endif
+#include "host_device.h"
 
 namespace cmfast {
 
