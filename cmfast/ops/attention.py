@@ -58,9 +58,10 @@ def reference_attention(qkv, num_heads, out):
 
 
 def torch_attention(qkv, num_heads, out):
-    """torch's scaled_dot_product_attention on strided views: no transposes or copies of its own here (torch
-    copies inside if its kernel needs a unit stride along the head dimension)."""
-    q, k, v = heads_view(qkv, num_heads).unbind(0)
+    """torch's scaled_dot_product_attention on strided views. In channels_last the views are unit-stride along the
+    head dimension and go in as they are; in NCHW they are not, and copying them first is faster than letting SDPA
+    take them strided (2 CPU threads, 1x192x32x32: 7.6 ms vs 16.5 ms; the reference's explicit matmul: 11.7 ms)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in heads_view(qkv, num_heads).unbind(0))
     out_heads_view(out, num_heads).copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
