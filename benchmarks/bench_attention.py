@@ -82,7 +82,8 @@ def run(session) -> None:
 
                 sets = session.rotated(make, nbytes)
                 for name, fn in found.items():
-                    note = f"{heads} heads x 64, T={tokens}" + ("; default backend" if name == f"cmfast-{default}" else "")
+                    default_note = "; default backend" if name == f"cmfast-{default}" else ""
+                    note = f"{heads} heads x 64, T={tokens}{default_note}"
                     session.record(NAME, name, [lambda fn=fn, s=s: fn(s, heads) for s in sets],
                                    shape="x".join(map(str, shape)), dtype=dtype, batch=batch,
                                    timing=session.kernel_timing, flop=flop, note=note)

@@ -62,8 +62,9 @@ def run(session) -> None:
                 sets = session.rotated(make, nbytes)
                 for name, fn in found.items():
                     note = "default backend" if name == f"cmfast-{default}" else ""
-                    session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets], shape="x".join(map(str, shape)),
-                                   dtype=dtype, batch=batch, timing=session.kernel_timing, nbytes=nbytes, note=note)
+                    session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets],
+                                   shape="x".join(map(str, shape)), dtype=dtype, batch=batch,
+                                   timing=session.kernel_timing, nbytes=nbytes, note=note)
                 del sets
 
 

@@ -9,7 +9,8 @@ then prints a summary table. A second run on the same day writes <device>-<date>
 Defaults: CPU float32 at batch 1 and 4; GPU float16 and bfloat16 at batch 1, 16, 64, 256. The kernels' torch.compile
 peers are in by default; the U-Net's and pipelines' compiled peers only with --compile (a cold compile of the U-Net
 takes minutes on a CPU). --quick: tiny shapes and test-sized models, no torch.compile, a few repetitions (seconds;
-for tests). A default CPU run of the whole suite takes about a quarter of an hour on 2 cores.
+for tests). A default CPU run of the whole suite takes 9 minutes on a quiet 2-core machine (17 with one thread
+while other processes hold the other core).
 """
 
 from __future__ import annotations
