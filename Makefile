@@ -24,10 +24,12 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
-	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The venv is shared between checkouts: (re)point its editable install at this one when it points elsewhere.
 build: $(VENV)/.installed
+	(cd / && $(PY) -c "import cmfast, sys; sys.exit(cmfast.__path__[0] != '$(CURDIR)/cmfast')") 2>/dev/null || \
+	  $(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 
 test: build
@@ -58,6 +60,6 @@ ci: test cuda-check cuda-link wheel-smoke
 # The recipe of the built-in model (cmfast/data/digits.safetensors): improved CT on scikit-learn's digits at
 # 16x16, 2 CPU threads, seed 0. The same torch and thread count give the same weights. About 40 minutes on 2 cores.
 DIGITS_RUN ?= runs/digits
-digits-model: $(VENV)/.installed
+digits-model: build
 	$(VENV)/bin/cmfast train --model digits --steps 3000 --until 3000 --batch 128 --seed 0 --threads 2 --out $(DIGITS_RUN)
 	mkdir -p cmfast/data && cp $(DIGITS_RUN)/model.safetensors cmfast/data/digits.safetensors

@@ -3,7 +3,8 @@ architecture), and one-step sampling at LSUN-256 (ct_bedroom256's), with random 
 none left at zero), the same weights in every provider.
 
 unet_forward providers: cmfast (the backends cmfast picks), cmfast-channels-last, cmfast-reference (the same U-Net
-with the reference backend forced for every op: the reference-style eager model), diffusers (UNet2DModel), and
+with the reference backend forced for every op: the reference-style eager model), on a GPU cmfast-cuda-graph (the
+channels_last forward captured once in a CUDA graph and replayed: no launch overhead), diffusers (UNet2DModel), and
 convs-only: the U-Net's convolutions alone, each run on an input of the shape it gets in the forward, one after the
 other, so the time the rest of the model adds (norms, attention, elementwise ops, copies) is the difference.
 sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), diffusers-pipeline
@@ -182,6 +183,20 @@ def convs_only(analysis: Analysis, batch: int, device):
     return run
 
 
+def cuda_graph(fn, device):
+    """`fn` (fixed inputs) captured in a CUDA graph after warm-up calls on a side stream; returns its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return graph.replay
+
+
 def _backends_note(session) -> str:
     return " ".join(f"{op}={session.default_backend(op)}" for op in ("group_norm", "attention", "consistency"))
 
@@ -208,6 +223,16 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
     unet.set_channels_last(True)
     try:
         record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session))
+        if session.gpu:
+            try:
+                replay = cuda_graph(lambda: unet(x, t, y), device)
+            except Exception as e:  # noqa: BLE001  (an op that cannot be captured: logged, the suite goes on)
+                session.failures.append(f"unet_forward cmfast-cuda-graph {shape}: {type(e).__name__}: {e}")
+                session.log(f"FAILED cmfast-cuda-graph: {type(e).__name__}: {str(e)[:300]}")
+            else:
+                record("cmfast-cuda-graph", replay, "channels_last forward captured once in a CUDA graph, replayed; "
+                       + _backends_note(session))
+                del replay
     finally:
         unet.set_channels_last(False)
     if dm is not None:

@@ -2,11 +2,12 @@
 # The whole GPU job in one lent-machine call of under 10 minutes (an H100 or H200 of the device tool):
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
 #   importlib_metadata from carried wheels), build cmfast._C with its CUDA part in place, record `cmfast info`,
-#   nvidia-smi -q and pip list, run the GPU tests (pytest -m gpu), the benchmark suite in float16 and bfloat16 at
-#   batch 1, 16, 64, 256 (kernels with their torch.compile peers; whatever does not fit in memory is logged and
-#   skipped), the whole test suite, then the U-Net/pipeline torch.compile peers at float16 batch 64, and the
-#   summaries. Every step is time-boxed (timeout) within one deadline; a failed step is recorded in steps.tsv and
-#   the job goes on. Everything lands in $OUT, at most 8 files (the device tool's limit):
+#   nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in parallel processes), the
+#   ImageNet-64 U-Net and samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph
+#   replay beside them), the kernels at batch 1 and 64 with their torch.compile peers, the compiled U-Net/pipeline
+#   peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout) within one deadline; a failed
+#   or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it measured) and the job goes on.
+#   Everything lands in $OUT, at most 8 files (the device tool's limit):
 #     gpu-job.tar.gz (all logs, CSVs, PNGs, cmfast-info.txt, nvidia-smi-q.txt, pip-list.txt), the CSVs,
 #     summary.md, steps.tsv, job.log.
 #
@@ -14,9 +15,10 @@
 # Then, through the device tool:  run(command="bash benchmarks/gpu_job.sh", carry=[".whl"], timeout_s=600)
 # Without a device tool, from a checkout on a GPU machine:         OUT=/some/dir bash benchmarks/gpu_job.sh
 # Knobs: CMFAST_JOB_SECONDS (deadline of the whole job, default 560), PYTHON (default python3),
-#        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count); for a dry run on a
-#        CPU: CMFAST_JOB_DEVICE=cpu CMFAST_JOB_DTYPES=float32 CMFAST_JOB_BATCHES=1 CMFAST_JOB_COMPILE_BATCH=1
-#        CMFAST_JOB_BENCH_ARGS=--quick.
+#        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count), CMFAST_JOB_MODELS
+#        (default imagenet64; imagenet64,lsun256 adds LSUN-256), CMFAST_JOB_KERNEL_BATCHES, CMFAST_JOB_TEST_WORKERS;
+#        for a dry run on a CPU: CMFAST_JOB_DEVICE=cpu CMFAST_JOB_DTYPES=float32 CMFAST_JOB_BATCHES=1
+#        CMFAST_JOB_KERNEL_BATCHES=1 CMFAST_JOB_COMPILE_BATCH=1 CMFAST_JOB_BENCH_ARGS=--quick.
 set -uo pipefail  # no -e: a failing step is recorded and the job goes on
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,7 +41,8 @@ fi
 
 DEVICE=${CMFAST_JOB_DEVICE:-cuda}
 DTYPES=${CMFAST_JOB_DTYPES:-float16,bfloat16}
-BATCHES=${CMFAST_JOB_BATCHES:-1,16,64,256}
+BATCHES=${CMFAST_JOB_BATCHES:-1,16,64,256}  # the U-Net and samplers
+KERNEL_BATCHES=${CMFAST_JOB_KERNEL_BATCHES:-1,64}
 COMPILE_BATCH=${CMFAST_JOB_COMPILE_BATCH:-64}  # the compiled U-Net/pipeline peers: one batch, the first dtype
 read -r -a BENCH_ARGS <<< "${CMFAST_JOB_BENCH_ARGS:-}"
 START=$(date +%s)
@@ -106,16 +109,22 @@ step build 240 env CMFAST_CUDA=1 "$PY" setup.py build_ext --inplace
 step info 60 "$PY" -m cmfast info
 cp "$WORK/logs/info.log" "$WORK/cmfast-info.txt"
 
-# 3. GPU tests first (they are what a lent GPU is for), then the benchmarks, then the rest of the suite
+# 3. in order of worth, each step time-boxed: the GPU tests (what a lent GPU is for; in parallel processes when
+#    pytest-xdist is there: Triton compiles each kernel variant once per process), the U-Net and samplers in both
+#    half types at every batch, the kernels at batch 1 and 64 (the issue's targets) in both, then the compiled
+#    U-Net/pipeline peers (minutes of cold compile) at one batch.
+export CMFAST_TEST_SEED=${CMFAST_TEST_SEED:-$((RANDOM * 32768 + RANDOM))}
+echo "test seed: CMFAST_TEST_SEED=$CMFAST_TEST_SEED"
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 120)  # one hung test must not eat the step
-step test-gpu 120 "${PYTEST[@]}" -m gpu tests
-step bench 210 "$PY" -m cmfast bench --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" \
-  --out "$WORK/results" "${BENCH_ARGS[@]}"
-step test-all 150 "${PYTEST[@]}" tests
+"$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
+step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu tests
+step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" --device "$DEVICE" \
+  --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
+step bench-kernels 120 "$PY" -m cmfast bench group_norm attention consistency --device "$DEVICE" --dtypes "$DTYPES" \
+  --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
 step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
-  --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" \
-  --out "$WORK/results" "${BENCH_ARGS[@]}"
+  --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" --out "$WORK/results" "${BENCH_ARGS[@]}"
 
 # 4. the summaries (also of a run stopped by its time box: its CSV holds the rows measured so far)
 RESERVE=0

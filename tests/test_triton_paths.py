@@ -12,7 +12,8 @@ from cmfast import backends
 G = importlib.import_module("cmfast.ops.group_norm")
 A = importlib.import_module("cmfast.ops.attention")
 TRITON_ON_CPU = backends.availability("triton", torch.device("cpu"))[0]  # the interpreter
-DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"] if TRITON_ON_CPU else []
+DEVICES = ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available()
+           else ["cpu"] if TRITON_ON_CPU else [])
 pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton cannot run here")
 
 

@@ -165,3 +165,36 @@ def test_backends_match_diffusers(name, mix, gen):
     with torch.no_grad():
         want = ref(x, t, class_labels=y).sample
     assert rel_err(got, want) <= TOLERANCE["fp32"]
+
+
+# ---- the whole U-Net on the GPU backends (run when a GPU is lent) ----------------------------------------------
+
+GPU_MIXES = {
+    "cuda": {"group_norm": "cuda", "attention": "torch", "consistency": "cuda"},
+    "triton": {"group_norm": "triton", "attention": "triton", "consistency": "triton"},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mix", list(GPU_MIXES))
+@pytest.mark.parametrize("name", [*TINY, "cd_imagenet64_l2"])
+def test_gpu_backends_match_diffusers(name, mix, precision, gen):
+    """On the GPU, each backend mix in each precision mode against diffusers in fp32 on the CPU (the real
+    ImageNet-64 architecture too: its widths, T = 64..1024 and 22 attention calls). TF32 off for fp32."""
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    ref, ours, config = pair(name, gen, dtype=dtype)
+    x, t, y = inputs(config, gen, batch=2)
+    with torch.no_grad():
+        want = ref(x, t, class_labels=y).sample
+    ours = ours.cuda()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad(), cmfast.use_backend(GPU_MIXES[mix]):
+            got = ours(x.cuda(), t.cuda(), None if y is None else y.cuda()).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= TOLERANCE[precision], f"relative error {err:.3g} > {TOLERANCE[precision]:g}"
