@@ -11,8 +11,10 @@ PYTHON ?= python3
 CACHE ?= $(HOME)/.cache/cmfast
 VENV ?= $(CACHE)/venv-cpu
 TORCH ?= torch==2.13.0
-CUDA_VENV ?= $(CACHE)/venv-cuda
-CUDA_TORCH ?= torch==2.14.1
+# The torch of the lent GPU machines' image (2.11.0+cu130): the link check compiles the extension as it will be
+# compiled there (C++17 up to torch 2.11; the CPU build here uses torch 2.13's C++20).
+CUDA_TORCH ?= torch==2.11.0
+CUDA_VENV ?= $(CACHE)/venv-cuda-2.11
 CUDA_HOME ?= /usr/local/cuda
 PY := $(VENV)/bin/python
 
@@ -46,7 +48,7 @@ cuda-check: $(VENV)/.installed
 $(CUDA_VENV)/.installed:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip
-	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" numpy ninja setuptools wheel
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH)" numpy ninja "setuptools>=77" wheel  # 77: SPDX license strings
 	touch $@
 
 cuda-link: $(CUDA_VENV)/.installed

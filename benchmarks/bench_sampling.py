@@ -7,7 +7,8 @@ with the reference backend forced for every op: the reference-style eager model)
 channels_last forward captured once in a CUDA graph and replayed: no launch overhead), diffusers (UNet2DModel), and
 convs-only: the U-Net's convolutions alone, each run on an input of the shape it gets in the forward, one after the
 other, so the time the rest of the model adds (norms, attention, elementwise ops, copies) is the difference.
-sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), diffusers-pipeline
+sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), on a GPU cmfast-cuda-graph (the same
+with Denoiser(unet, cuda_graph=True): each network call replayed from a CUDA graph), diffusers-pipeline
 (ConsistencyModelPipeline, num_inference_steps=1 / timesteps=[22, 0], output_type="pt"), and
 diffusers-pipeline+cmfast (that pipeline with its unet swapped for cmfast.swap(unet)).
 With --compile: cmfast-compile and diffusers-compile (torch.compile of each U-Net, reused by the samplers). On this
@@ -261,8 +262,8 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
     flop = analysis.flop_per_image * batch * len(sigmas)
     gen = torch.Generator(device).manual_seed(0)
 
-    def cmfast_call(unet):
-        denoiser = cmfast.Denoiser(unet)
+    def cmfast_call(unet, cuda_graph=False):
+        denoiser = cmfast.Denoiser(unet, cuda_graph=cuda_graph)
 
         def run():
             x = 80.0 * torch.randn(batch, 3, size, size, device=device, generator=gen)
@@ -275,6 +276,9 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
 
     # provider -> (call, note, the eager U-Net inside it or None)
     providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session), "cmfast")}
+    if session.gpu:
+        providers["cmfast-cuda-graph"] = (cmfast_call(models.unet, cuda_graph=True),
+                                          "Denoiser(unet, cuda_graph=True); " + _backends_note(session), None)
     if models.pipe is not None:
         providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline", "diffusers")
         providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",

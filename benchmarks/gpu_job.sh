@@ -16,7 +16,8 @@
 # Without a device tool, from a checkout on a GPU machine:         OUT=/some/dir bash benchmarks/gpu_job.sh
 # Knobs: CMFAST_JOB_SECONDS (deadline of the whole job, default 560), PYTHON (default python3),
 #        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count), CMFAST_JOB_MODELS
-#        (default imagenet64; imagenet64,lsun256 adds LSUN-256), CMFAST_JOB_KERNEL_BATCHES, CMFAST_JOB_TEST_WORKERS;
+#        (default imagenet64; imagenet64,lsun256 adds LSUN-256), CMFAST_JOB_KERNEL_BATCHES, CMFAST_JOB_KERNELS (the
+#        kernel benchmarks, space-separated), CMFAST_JOB_COMPILE_BATCH (0: no compiled peers), CMFAST_JOB_TEST_WORKERS;
 #        for a dry run on a CPU: CMFAST_JOB_DEVICE=cpu CMFAST_JOB_DTYPES=float32 CMFAST_JOB_BATCHES=1
 #        CMFAST_JOB_KERNEL_BATCHES=1 CMFAST_JOB_COMPILE_BATCH=1 CMFAST_JOB_BENCH_ARGS=--quick.
 set -uo pipefail  # no -e: a failing step is recorded and the job goes on
@@ -121,10 +122,13 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu tests
 step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" --device "$DEVICE" \
   --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
-step bench-kernels 120 "$PY" -m cmfast bench group_norm attention consistency --device "$DEVICE" --dtypes "$DTYPES" \
+read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
+step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
   --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
-step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
-  --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" --out "$WORK/results" "${BENCH_ARGS[@]}"
+if [[ $COMPILE_BATCH != 0 ]]; then
+  step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
+    --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" --out "$WORK/results" "${BENCH_ARGS[@]}"
+fi
 
 # 4. the summaries (also of a run stopped by its time box: its CSV holds the rows measured so far)
 RESERVE=0

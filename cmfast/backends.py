@@ -52,12 +52,15 @@ def use_backend(spec: str | dict):
         _forced.reset(token)
 
 
-def forced(op: str | None = None) -> str | None:
-    """The backend forced for `op` by use_backend() or CMFAST_BACKEND, else None."""
+def forced(op: str | None = None) -> str | dict | None:
+    """The backend forced for `op` by use_backend() or CMFAST_BACKEND, else None; without `op`, the whole setting
+    (a name, a mapping op -> name, or None)."""
     spec = _forced.get() or os.environ.get("CMFAST_BACKEND") or None
     if spec is None:
         return None
     spec = _parse(spec)
+    if op is None:
+        return spec
     return spec.get(op) if isinstance(spec, dict) else spec
 
 

@@ -86,6 +86,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--num", type=int, default=16, help="number of images")
     p.add_argument("--batch", type=int, default=16, help="images per network call")
     p.add_argument("--class-labels", default=None, help="comma-separated labels, cycled (default: random per sample)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, replay each network call from a CUDA graph (captured once per batch size): much "
+                        "faster at small batches, the same images")
     _schedule_options(p, "network calls for consistency models (default 1; 2 uses the tuned schedule where the "
                          "checkpoint has one); grid points of Heun for EDM teachers (default 40)")
     _model_options(p)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import editing, images, masks, pretrained, sampling, schedules
+from .consistency import Denoiser
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -74,6 +75,7 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         levels = consistency_levels(args, model, default_steps=1)
         run = sampling.sample
+    denoiser = Denoiser(model.unet, kind=model.kind, cuda_graph=args.cuda_graph)
     size, channels = model.unet.config.image_size, model.unet.config.in_channels
     results, all_labels = [], []
     with tqdm(total=args.num, unit="img", desc=f"{model.name}: {len(levels)} level(s)") as bar:
@@ -82,7 +84,7 @@ def run_sample(args: argparse.Namespace) -> int:
             gens = sampling.generators_for(args.seed, indices)
             y = labels_for(model, indices, gens, given, device)
             x = levels[0] * sampling.randn((len(indices), channels, size, size), gens, device)
-            results.append(images.to_uint8(run(model.denoiser, x, levels, y=y, generator=gens)))
+            results.append(images.to_uint8(run(denoiser, x, levels, y=y, generator=gens)))
             if y is not None:
                 all_labels.append(y.cpu().numpy())
             bar.update(len(indices))

@@ -12,7 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -39,19 +39,28 @@ constexpr int64_t kBlock = 4096;     // contiguous: elements per statistics bloc
 constexpr int64_t kTile = 8192;      // channels_last: elements per statistics tile (whole pixels, read twice)
 constexpr int kLanes = 16;           // independent fp32 partial sums: whole vectors, no reassociation needed
 
+// std::bit_cast is C++20; torch extensions build as C++17 up to torch 2.11. A fixed-size memcpy compiles to a move.
+template <typename To, typename From>
+__attribute__((always_inline)) inline To bits_as(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
 // ---- fp32 <-> storage type, in integer arithmetic the vectoriser takes (c10's conversions stay scalar here) ---
 
 __attribute__((always_inline)) inline float to_f32(float v) { return v; }
 __attribute__((always_inline)) inline float to_f32(c10::BFloat16 v) {
-  return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  return bits_as<float>(static_cast<uint32_t>(v.x) << 16);
 }
 // Exponent and mantissa moved into a float and rescaled by 2^112 (exact for normals and subnormals); Inf/NaN
 // get the all-ones exponent back.
 __attribute__((always_inline)) inline float to_f32(c10::Half v) {
   const uint32_t magnitude = v.x & 0x7fffu;
-  uint32_t bits = std::bit_cast<uint32_t>(std::bit_cast<float>(magnitude << 13) * 0x1p112f);
+  uint32_t bits = bits_as<uint32_t>(bits_as<float>(magnitude << 13) * 0x1p112f);
   bits = magnitude >= 0x7c00u ? bits | 0x7f800000u : bits;
-  return std::bit_cast<float>(bits | (static_cast<uint32_t>(v.x & 0x8000u) << 16));
+  return bits_as<float>(bits | (static_cast<uint32_t>(v.x & 0x8000u) << 16));
 }
 
 template <typename T>
@@ -63,7 +72,7 @@ __attribute__((always_inline)) inline float from_f32<float>(float v) {
 // Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16(float).
 template <>
 __attribute__((always_inline)) inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
-  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t u = bits_as<uint32_t>(v);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
   return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
@@ -72,9 +81,9 @@ __attribute__((always_inline)) inline c10::BFloat16 from_f32<c10::BFloat16>(floa
 // gives Inf, NaN a quiet NaN, small values subnormals (rounded by an fp32 add).
 template <>
 __attribute__((always_inline)) inline c10::Half from_f32<c10::Half>(float v) {
-  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t u = bits_as<uint32_t>(v);
   const uint32_t sign = u & 0x80000000u, f = u ^ sign;
-  const uint32_t subnormal = std::bit_cast<uint32_t>(std::bit_cast<float>(f) + 0.5f) - 0x3f000000u;
+  const uint32_t subnormal = bits_as<uint32_t>(bits_as<float>(f) + 0.5f) - 0x3f000000u;
   const uint32_t normal = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;  // rebias (15 - 127) << 23, round
   const uint32_t inf_nan = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
   // Masks, not ?: -- the compiler would move the fp32 add into a branch, and a branch stays scalar.
@@ -144,10 +153,10 @@ CMFAST_CLONES void column_squared_deviations(const T* __restrict__ x, int64_t ro
 // Cephes' expf, within ~2 ulp. |x| is clamped to 126 ln 2 (exp stays a normal float) on the integer bits: a float
 // comparison would stop the vectoriser (it may trap). Any x with |x| > 87 gives SiLU's limits (0 or x) anyway.
 __attribute__((always_inline)) inline float exp_approx(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
-  const int32_t limit = std::bit_cast<int32_t>(87.33654f);
+  const int32_t bits = bits_as<int32_t>(x);
+  const int32_t limit = bits_as<int32_t>(87.33654f);
   const int32_t magnitude = std::min(bits & 0x7fffffff, limit);  // NaN too: SiLU's y / (...) keeps it NaN
-  x = std::bit_cast<float>(magnitude | (bits & static_cast<int32_t>(0x80000000u)));
+  x = bits_as<float>(magnitude | (bits & static_cast<int32_t>(0x80000000u)));
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2), |x / ln 2| < 2^22
   float r = x - n * 0.693359375f;                                          // x - n ln 2 in two steps (Cody-Waite)
   r = r + n * 2.12194440e-4f;
@@ -158,7 +167,7 @@ __attribute__((always_inline)) inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return p * bits_as<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 template <bool SILU>
