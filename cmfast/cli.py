@@ -138,6 +138,7 @@ def _add_training(sub) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "l2", "l1"])
+    p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA of the weights that are saved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the same weights need the same count)")
     p.add_argument("--checkpoint-every", type=int, default=250)

@@ -169,7 +169,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(method=args.method, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                         distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every)
+                         distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every,
+                         ema_decay=args.ema_decay)
     unet_config = PRESETS[args.model].unet
     data = digits.load(unet_config.image_size)
     run = Run(args.out, config, unet_config, data.train_x, data.train_y)

@@ -46,6 +46,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.method == "cd" and not self.teacher:
             raise ValueError("teacher: consistency distillation needs an EDM teacher checkpoint")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay!r}")
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"steps, batch: expected positive, got {self.steps}, {self.batch}")
 

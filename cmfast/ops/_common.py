@@ -82,3 +82,11 @@ def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def needs_grad(*tensors) -> bool:
     """Whether autograd must see through the op (training): the ops' kernels have no backward, their references do."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def direct(x: torch.Tensor) -> bool:
+    """Whether an eager call may run an op's implementation directly, skipping the registered op's dispatch (about
+    20 us a call, which adds up over a U-Net's 117 norm and attention calls at small batches). Only torch.compile,
+    export, and tensor subclasses (fake, functional) or meta tensors need the registered op."""
+    return type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+

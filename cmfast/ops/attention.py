@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import backends
-from ._common import check_tensor, needs_grad
+from ._common import check_tensor, direct, needs_grad
 
 IMPLEMENTED = backends.implemented("attention", "attention", python=("torch", "reference"))
 
@@ -60,7 +60,8 @@ def reference_attention(qkv, num_heads, out):
 def _sdpa_ready(t: torch.Tensor) -> bool:
     """Whether SDPA takes this view as it is: unit stride along the head dimension, and on CUDA every other stride
     and the start 16-byte aligned (the memory-efficient kernel refuses others, e.g. T = 1 in NCHW, with an error
-    instead of a fallback)."""
+    instead of a fallback). A view that fails is cloned, not made .contiguous(): that keeps the odd strides of
+    size-1 dimensions (T = 1), which the kernel checks too."""
     if t.stride(-1) != 1:
         return False
     if t.device.type != "cuda":
@@ -73,7 +74,8 @@ def torch_attention(qkv, num_heads, out):
     """torch's scaled_dot_product_attention on strided views. In channels_last the views are unit-stride along the
     head dimension and go in as they are; in NCHW they are not, and copying them first is faster than letting SDPA
     take them strided (2 CPU threads, 1x192x32x32: 7.6 ms vs 16.5 ms; the reference's explicit matmul: 11.7 ms)."""
-    q, k, v = (t if _sdpa_ready(t) else t.contiguous() for t in heads_view(qkv, num_heads).unbind(0))
+    q, k, v = (t if _sdpa_ready(t) else t.clone(memory_format=torch.contiguous_format)
+               for t in heads_view(qkv, num_heads).unbind(0))
     out_heads_view(out, num_heads).copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
@@ -95,12 +97,16 @@ def kernel_layout(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.contiguous()
 
 
-@torch.library.custom_op("cmfast::attention", mutates_args=())
-def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _run(qkv, num_heads) -> torch.Tensor:
     qkv = kernel_layout(qkv)
     out = output_like(qkv)
     _impl(backends.choose("attention", qkv.device, IMPLEMENTED))(qkv, num_heads, out)
     return out
+
+
+@torch.library.custom_op("cmfast::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return _run(qkv, num_heads)
 
 
 @_attention_op.register_fake
@@ -117,4 +123,4 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         )
     if needs_grad(qkv):  # training: the differentiable reference
         return attention_reference(qkv, num_heads)
-    return torch.ops.cmfast.attention(qkv, num_heads)
+    return (_run if direct(qkv) else torch.ops.cmfast.attention)(qkv, num_heads)

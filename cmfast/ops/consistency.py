@@ -16,6 +16,7 @@ from .. import backends
 from ._common import (
     check_same_device,
     check_tensor,
+    direct,
     f32,
     laid_out_like,
     needs_grad,
@@ -94,13 +95,10 @@ def _prologue_impl(backend: str):
     return torch.ops.cmfast_C.consistency_prologue
 
 
-# ---- the registered ops (torch.ops.cmfast.*): what torch.compile and CUDA graphs see -----------------------
+# ---- the implementations, and the registered ops around them (torch.ops.cmfast.*: what torch.compile sees) -----------------------
 
 
-@torch.library.custom_op("cmfast::consistency_epilogue", mutates_args=())
-def _epilogue_op(
-    x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, sigma_data: float, sigma_min: float, clamp: bool
-) -> torch.Tensor:
+def _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp) -> torch.Tensor:
     out = output_like(x)
     x = laid_out_like(x, out)
     model_output = laid_out_like(model_output, out)
@@ -110,19 +108,30 @@ def _epilogue_op(
     return out
 
 
+@torch.library.custom_op("cmfast::consistency_epilogue", mutates_args=())
+def _epilogue_op(
+    x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, sigma_data: float, sigma_min: float, clamp: bool
+) -> torch.Tensor:
+    return _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp)
+
+
 @_epilogue_op.register_fake
 def _(x, model_output, sigma, sigma_data, sigma_min, clamp):
     return output_like(x)
 
 
-@torch.library.custom_op("cmfast::consistency_prologue", mutates_args=())
-def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_prologue(x, sigma, sigma_data) -> tuple[torch.Tensor, torch.Tensor]:
     out = output_like(x)
     x = laid_out_like(x, out)
     sigma = sigma.to(torch.float32).contiguous()
     t_in = torch.empty(sigma.shape, dtype=torch.float32, device=x.device)
     _prologue_impl(backends.choose("consistency", x.device, IMPLEMENTED))(x, sigma, sigma_data, out, t_in)
     return out, t_in
+
+
+@torch.library.custom_op("cmfast::consistency_prologue", mutates_args=())
+def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run_prologue(x, sigma, sigma_data)
 
 
 @_prologue_op.register_fake
@@ -167,7 +176,8 @@ def consistency_epilogue(
     shift = float(sigma_min) if kind == "consistency" else 0.0
     if needs_grad(x, model_output, sigma):  # training: the differentiable reference
         return epilogue_reference(x, model_output.to(x.dtype), sigma, float(sigma_data), shift, bool(clamp))
-    return torch.ops.cmfast.consistency_epilogue(x, model_output, sigma, float(sigma_data), shift, bool(clamp))
+    op = _run_epilogue if direct(x) else torch.ops.cmfast.consistency_epilogue
+    return op(x, model_output, sigma, float(sigma_data), shift, bool(clamp))
 
 
 def consistency_prologue(x: torch.Tensor, sigma, *, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +187,7 @@ def consistency_prologue(x: torch.Tensor, sigma, *, sigma_data: float = 0.5) -> 
     sigma = per_sample("sigma", sigma, x)
     if needs_grad(x, sigma):
         return prologue_reference(x, sigma, float(sigma_data))
-    return torch.ops.cmfast.consistency_prologue(x, sigma, float(sigma_data))
+    return (_run_prologue if direct(x) else torch.ops.cmfast.consistency_prologue)(x, sigma, float(sigma_data))
 
 
 __all__ = [

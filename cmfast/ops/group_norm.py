@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._common import check_same_device, check_tensor, needs_grad
+from ._common import check_same_device, check_tensor, direct, needs_grad
 
 IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 
@@ -60,6 +60,14 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
 
 
+def _run(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
+    x = kernel_layout(x)
+    out = torch.empty_like(x)
+    kernel = _impl(backends.choose("group_norm", x.device, IMPLEMENTED))
+    kernel(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
+    return out
+
+
 @torch.library.custom_op("cmfast::group_norm", mutates_args=())
 def _group_norm_op(
     x: torch.Tensor,
@@ -71,11 +79,7 @@ def _group_norm_op(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    x = kernel_layout(x)
-    out = torch.empty_like(x)
-    kernel = _impl(backends.choose("group_norm", x.device, IMPLEMENTED))
-    kernel(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
-    return out
+    return _run(x, weight, bias, scale, shift, num_groups, eps, silu)
 
 
 @_group_norm_op.register_fake
@@ -111,4 +115,5 @@ def group_norm(
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     if needs_grad(x, weight, bias, scale, shift):  # training: the differentiable reference
         return group_norm_reference(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
-    return torch.ops.cmfast.group_norm(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
+    op = _run if direct(x) else torch.ops.cmfast.group_norm
+    return op(x, weight, bias, scale, shift, num_groups, float(eps), bool(silu))
