@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmfast import backends, ops
+from cmfast import ops
 
 NAME = "attention"
 BENCHMARKS = ("attention",)
@@ -49,26 +49,10 @@ def sdpa(qkv, heads: int):
     return out.transpose(1, 2).reshape(batch, width // 3, *spatial)
 
 
-def providers(session) -> dict:
-    found = {}
-    for name in session.cmfast_backends("attention"):
-
-        def run(qkv, heads, name=name):
-            with backends.use_backend(name):
-                return ops.attention(qkv, heads)
-
-        found[f"cmfast-{name}"] = run
-    found["torch-eager"] = eager
-    found["torch-sdpa"] = sdpa
-    if session.compile_kernels and not session.quick:
-        found["torch-compile"] = session.compile(eager)
-    return found
-
-
 def run(session) -> None:
     session.peers.update({b: PEERS for b in BENCHMARKS})
     device, default = session.device, session.default_backend("attention")
-    found = providers(session)
+    found = session.kernel_providers("attention", ops.attention, eager, {"torch-sdpa": sdpa})
     for dtype in session.dtypes:
         for batch in session.batches:
             for channels, side in QUICK_SHAPES if session.quick else SHAPES:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cmfast import backends, ops
+from cmfast import ops
 
 NAME = "consistency"
 BENCHMARKS = ("consistency_epilogue", "consistency_prologue")
@@ -45,27 +45,11 @@ def cmfast_prologue(x, sigma):
     return ops.consistency_prologue(x, sigma)
 
 
-def _on_backend(fn, name):
-    def run(*args):
-        with backends.use_backend(name):
-            return fn(*args)
-
-    return run
-
-
-def providers(session, cmfast_fn, eager_fn) -> dict:
-    found = {f"cmfast-{name}": _on_backend(cmfast_fn, name) for name in session.cmfast_backends("consistency")}
-    found["torch-eager"] = eager_fn
-    if session.compile_kernels and not session.quick:
-        found["torch-compile"] = session.compile(eager_fn)
-    return found
-
-
 def run(session) -> None:
     session.peers.update({b: PEERS for b in BENCHMARKS})
     device, default = session.device, session.default_backend("consistency")
-    kinds = {"consistency_epilogue": (providers(session, cmfast_epilogue, eager_epilogue), 3),
-             "consistency_prologue": (providers(session, cmfast_prologue, eager_prologue), 2)}
+    kinds = {"consistency_epilogue": (session.kernel_providers("consistency", cmfast_epilogue, eager_epilogue), 3),
+             "consistency_prologue": (session.kernel_providers("consistency", cmfast_prologue, eager_prologue), 2)}
     for dtype in session.dtypes:
         for batch in session.batches:
             for side in QUICK_SIDES if session.quick else SIDES:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cmfast import backends, ops
+from cmfast import ops
 
 NAME = "group_norm"
 BENCHMARKS = ("group_norm",)
@@ -28,25 +28,14 @@ def eager(x, weight, bias, scale, shift):
     return F.silu(y * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
 
 
-def providers(session) -> dict:
-    found = {}
-    for name in session.cmfast_backends("group_norm"):
-
-        def run(x, weight, bias, scale, shift, name=name):
-            with backends.use_backend(name):
-                return ops.group_norm(x, weight, bias, num_groups=GROUPS, eps=EPS, scale=scale, shift=shift, silu=True)
-
-        found[f"cmfast-{name}"] = run
-    found["torch-eager"] = eager
-    if session.compile_kernels and not session.quick:
-        found["torch-compile"] = session.compile(eager)
-    return found
+def cmfast_group_norm(x, weight, bias, scale, shift):
+    return ops.group_norm(x, weight, bias, num_groups=GROUPS, eps=EPS, scale=scale, shift=shift, silu=True)
 
 
 def run(session) -> None:
     session.peers.update({b: PEERS for b in BENCHMARKS})
     device, default = session.device, session.default_backend("group_norm")
-    found = providers(session)
+    found = session.kernel_providers("group_norm", cmfast_group_norm, eager)
     for dtype in session.dtypes:
         for batch in session.batches:
             for channels, side in QUICK_SHAPES if session.quick else SHAPES:

@@ -342,6 +342,24 @@ class Session:
         return [name for name in IMPLEMENTED[op]
                 if backends.availability(name, self.device)[0] and (name != "triton" or self.gpu)]
 
+    def kernel_providers(self, op: str, cmfast_fn, eager_fn, peers: dict | None = None) -> dict:
+        """The providers of a kernel benchmark, in column order: cmfast-<backend> (cmfast_fn with that backend
+        forced) for each backend of `op` on this device, torch-eager (eager_fn), the other `peers`, torch-compile."""
+
+        def on_backend(name):
+            def run(*args):
+                with backends.use_backend(name):
+                    return cmfast_fn(*args)
+
+            return run
+
+        found = {f"cmfast-{name}": on_backend(name) for name in self.cmfast_backends(op)}
+        found["torch-eager"] = eager_fn
+        found.update(peers or {})
+        if self.compile_kernels and not self.quick:
+            found["torch-compile"] = self.compile(eager_fn)
+        return found
+
     def default_backend(self, op: str) -> str:
         from cmfast.ops import IMPLEMENTED
 

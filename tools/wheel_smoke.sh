@@ -41,6 +41,10 @@ assert (out - want).abs().max() <= 1e-6 * want.abs().max(), "CPU kernel disagree
 from cmfast.models import PRESETS, UNet  # the subpackages made it into the wheel
 model = UNet(PRESETS["test_lsun"].unet).eval()
 assert cmfast.Denoiser(model)(torch.randn(2, 3, 16, 16), 80.0).shape == (2, 3, 16, 16)
+from cmfast import pretrained  # the built-in model is package data
+assert pretrained.BUILT_IN.is_file(), f"no built-in model in the wheel: {pretrained.BUILT_IN}"
+digits = pretrained.find(None)
+assert digits.denoiser(torch.randn(2, 1, 16, 16) * 80, 80.0, torch.tensor([3, 7])).shape == (2, 1, 16, 16)
 print("wheel OK:", cmfast.__file__)
 PY
 "$tmp/venv/bin/cmfast" info
