@@ -60,8 +60,10 @@ wheel-smoke: $(VENV)/.installed
 ci: test cuda-check cuda-link wheel-smoke
 
 # The recipe of the built-in model (cmfast/data/digits.safetensors): improved CT on scikit-learn's digits at
-# 16x16, 2 CPU threads, seed 0. The same torch and thread count give the same weights. About 40 minutes on 2 cores.
+# 16x16, 2 CPU threads, seed 0, EMA 0.999 (0.995 gave a better Frechet distance but 89.6% recognised one-step samples;
+# 0.999 gives 90.6%). The same torch and thread count give the same weights. 32-34 minutes on 2 quiet cores.
 DIGITS_RUN ?= runs/digits
 digits-model: build
-	$(VENV)/bin/cmfast train --model digits --steps 3000 --until 3000 --batch 128 --seed 0 --threads 2 --out $(DIGITS_RUN)
+	$(VENV)/bin/cmfast train --model digits --steps 3000 --until 3000 --batch 128 --seed 0 --threads 2 \
+	  --ema-decay 0.999 --out $(DIGITS_RUN)
 	mkdir -p cmfast/data && cp $(DIGITS_RUN)/model.safetensors cmfast/data/digits.safetensors

@@ -222,6 +222,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_ZOOM = 4  # nearest-neighbour: 16-pixel digits shown 64 pixels wide
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """What the built-in model does, as PNG files: one image per class in one and two steps, an inpainting and a
     denoising example (each input | as edited | result)."""
@@ -249,7 +252,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "denoise.png": images.grid(images.to_uint8(torch.cat([real, noisy.clamp(-1, 1), denoised])), columns=10),
     }
     for name, image in outputs.items():
-        images.save_png(out / name, image)
-    print(f"wrote {', '.join(str(out / n) for n in names)}: rows are digits 0-9; the edits show "
-          "original | input | result")
+        images.save_png(out / name, image.repeat(DEMO_ZOOM, axis=0).repeat(DEMO_ZOOM, axis=1))
+    print(f"wrote {', '.join(str(out / n) for n in names)}: columns are the digits 0-9; the edits' rows are "
+          "original, input, result")
     return 0

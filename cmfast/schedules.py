@@ -18,7 +18,7 @@ TWO_STEP = {
     "cd_bedroom256_l2": (40, (0, 18, 39)),
     "ct_bedroom256": (151, (0, 67, 150)),
     "ct_cat256": (151, (0, 62, 150)),
-    "digits": (40, (0, 20, 39)),  # the built-in model; middle index chosen by `cmfast evaluate` on 20, 24, 28
+    "digits": (40, (0, 20, 39)),  # the built-in model: of 8, 12, ..., 32, index 20 recognised most (seeds 1, 2)
 }
 
 
