@@ -83,8 +83,12 @@ def matmul_attention(qkv, num_heads, out):
     acc = torch.promote_types(qkv.dtype, torch.float32)
     q, k, v = (t.reshape(batch * num_heads, head_dim, -1).to(acc)
                for t in qkv.reshape(batch, 3, num_heads, head_dim, -1).unbind(1))
-    weights = torch.softmax(torch.bmm(q.transpose(1, 2), k).mul_(head_dim**-0.5), dim=-1)  # (B*heads, T, T)
-    out.view(batch, out.shape[1], -1).copy_(torch.bmm(v, weights.transpose(1, 2)).view(batch, three_c // 3, -1))
+    logits = torch.baddbmm(q.new_empty(1, 1, 1), q.transpose(1, 2), k, beta=0, alpha=head_dim**-0.5)  # scale in gemm
+    weights = torch.softmax(logits, dim=-1)  # (B*heads, T, T)
+    if out.is_contiguous() and out.dtype == acc:  # straight into out: (B, C, T) is (B*heads, D, T)
+        torch.bmm(v, weights.transpose(1, 2), out=out.view(batch * num_heads, head_dim, -1))
+    else:
+        out.view(batch, out.shape[1], -1).copy_(torch.bmm(v, weights.transpose(1, 2)).view(batch, three_c // 3, -1))
 
 
 def torch_attention(qkv, num_heads, out):
