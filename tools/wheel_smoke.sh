@@ -48,3 +48,5 @@ assert digits.denoiser(torch.randn(2, 1, 16, 16) * 80, 80.0, torch.tensor([3, 7]
 print("wheel OK:", cmfast.__file__)
 PY
 "$tmp/venv/bin/cmfast" info
+"$tmp/venv/bin/cmfast" sample --num 2 --out "$tmp/samples"  # the built-in model, end to end, with the wheel's deps
+test -s "$tmp/samples/grid.png"
