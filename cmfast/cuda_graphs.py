@@ -70,8 +70,3 @@ class GraphCache:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"GraphCache: expected the function to return one tensor, got {type(output).__name__}")
         return _Captured(graph, inputs, output)
-
-    def clear(self) -> None:
-        """Drop every captured graph (and, once nothing else holds it, their memory)."""
-        self.graphs.clear()
-        self._pool = None

@@ -23,17 +23,16 @@ class Digits:
     test_y: torch.Tensor
 
 
-def _sklearn():
+def _require_sklearn() -> None:
     try:
-        import sklearn
+        import sklearn  # noqa: F401
     except ImportError:
         raise ImportError("the digits data and scorer (cmfast train, evaluate, demo) need scikit-learn: "
                           "pip install 'cmfast[digits]'") from None
-    return sklearn
 
 
 def load(size: int = 16) -> Digits:
-    _sklearn()
+    _require_sklearn()
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
