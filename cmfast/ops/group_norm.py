@@ -57,7 +57,9 @@ def kernel_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # the common case, without two calls into torch
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 def _run(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
