@@ -198,3 +198,16 @@ def test_gpu_backends_match_diffusers(name, mix, precision, gen):
     assert got.dtype == torch.float32 and got.shape == want.shape
     err = rel_err(got, want)
     assert err <= TOLERANCE[precision], f"relative error {err:.3g} > {TOLERANCE[precision]:g}"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_upsample_is_torchs_nearest(layout, gen):
+    from cmfast.models.unet import upsample_nearest2x
+
+    x = torch.randn(2, 5, 3, 4, generator=gen)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 5, 3, 8, generator=gen)[..., ::2]
+    got = upsample_nearest2x(x)
+    assert torch.equal(got, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))

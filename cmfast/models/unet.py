@@ -41,9 +41,18 @@ class GroupNorm32(nn.GroupNorm):
                               scale=scale, shift=shift, silu=silu)
 
 
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="nearest"), exactly. torch's CPU kernel is slow on NCHW tensors (2.7 ms
+    for 1x1152x16x16 on 2 threads; channels_last: 0.05 ms); a broadcast copy does it in 0.9 ms."""
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
+        b, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
 def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
     if up:
-        return F.interpolate(x, scale_factor=2, mode="nearest")
+        return upsample_nearest2x(x)
     if down:
         return F.avg_pool2d(x, kernel_size=2, stride=2)
     return x
