@@ -343,8 +343,8 @@ class Session:
                 if backends.availability(name, self.device)[0] and (name != "triton" or self.gpu)]
 
     def kernel_providers(self, op: str, cmfast_fn, eager_fn, peers: dict | None = None) -> dict:
-        """The providers of a kernel benchmark, in column order: cmfast-<backend> (cmfast_fn with that backend
-        forced) for each backend of `op` on this device, torch-eager (eager_fn), the other `peers`, torch-compile."""
+        """The providers of a kernel benchmark, in column order: cmfast-<backend> (cmfast_fn; with that backend
+        forced unless it is the default) for each backend of `op` on this device, torch-eager (eager_fn), the other `peers`, torch-compile."""
 
         def on_backend(name):
             def run(*args):
@@ -353,7 +353,8 @@ class Session:
 
             return run
 
-        found = {f"cmfast-{name}": on_backend(name) for name in self.cmfast_backends(op)}
+        default = self.default_backend(op)  # called as users call it: forcing costs a context manager a call
+        found = {f"cmfast-{name}": cmfast_fn if name == default else on_backend(name) for name in self.cmfast_backends(op)}
         found["torch-eager"] = eager_fn
         found.update(peers or {})
         if self.compile_kernels and not self.quick:

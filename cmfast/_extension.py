@@ -55,6 +55,8 @@ def _load() -> ExtensionStatus:
 
 
 status = _load()
+# The module itself, for the ops' eager entry points (cmfast._C.group_norm, ...); None when it is not loaded.
+compiled = importlib.import_module("cmfast._C") if status.loaded else None
 if not status.loaded:
     warnings.warn(
         f"cmfast: compiled kernels off, Triton and reference paths only: {status.reason}. "

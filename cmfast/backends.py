@@ -4,8 +4,8 @@ Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU 
 fused kernels on strided views, where an op has such a path) > reference (plain PyTorch, the ground truth).
 Which backends an op has is found, not declared: compiled kernels registered in cmfast._C, a Triton module
 cmfast/triton/<op>.py, and the Python paths the op module lists (`implemented`).
-Force one with the environment variable CMFAST_BACKEND=<name> (or per op: group_norm=cpu,attention=torch) or
-`with cmfast.use_backend(name or {op: name}):` (the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
+Force one with the environment variable CMFAST_BACKEND=<name> (or per op: group_norm=cpu,attention=torch; read once,
+at the first op call of the process) or `with cmfast.use_backend(name or {op: name}):` (the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
 and benchmarks measure what they name. Triton runs on CPU tensors only when forced and TRITON_INTERPRET=1
 was set before triton was first imported (its CPU interpreter, for tests).
 """
@@ -41,6 +41,13 @@ def _parse(spec: str | dict) -> str | dict:
     return _check_name(spec)
 
 
+@functools.cache
+def _environment() -> str | dict | None:
+    """CMFAST_BACKEND, read and parsed on the first op call of the process (every op call needs it; reading the
+    environment each time would cost more than some of the kernels)."""
+    return _parse(os.environ["CMFAST_BACKEND"]) if os.environ.get("CMFAST_BACKEND") else None
+
+
 @contextlib.contextmanager
 def use_backend(spec: str | dict):
     """Run the cmfast ops inside the block on backend `spec` (a name for every op, or a mapping op -> name);
@@ -55,10 +62,11 @@ def use_backend(spec: str | dict):
 def forced(op: str | None = None) -> str | dict | None:
     """The backend forced for `op` by use_backend() or CMFAST_BACKEND, else None; without `op`, the whole setting
     (a name, a mapping op -> name, or None)."""
-    spec = _forced.get() or os.environ.get("CMFAST_BACKEND") or None
+    spec = _forced.get()  # parsed by use_backend()
     if spec is None:
-        return None
-    spec = _parse(spec)
+        spec = _environment()
+        if spec is None:
+            return None
     if op is None:
         return spec
     return spec.get(op) if isinstance(spec, dict) else spec
@@ -132,6 +140,13 @@ def choose(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEND
         if not ok:
             raise RuntimeError(f"backend {name!r} was forced for {op} but cannot run on {device}: {why}")
         return name
+    return _preferred(device, implemented)
+
+
+@functools.cache
+def _preferred(device: torch.device, implemented: tuple[str, ...]) -> str:
+    """The first backend in preference order that runs on `device` (fixed for a process: the extension and triton
+    are probed once), so an unforced op call pays a dictionary lookup."""
     for name in BACKENDS:
         if name not in implemented or (name == "triton" and device.type != "cuda"):
             continue  # the Triton interpreter is for tests; never chosen unasked

@@ -7,6 +7,7 @@
 // one affine map y = (x - mean) * a + d (GroupNorm, weight/bias and scale/shift folded together), then SiLU.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -34,7 +35,8 @@
 namespace cmfast {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per parallel task: ~100 KB of traffic, well above the fork cost
+constexpr int64_t kGrain = 1 << 15;       // channels_last: elements per parallel task (two passes, two forks)
+constexpr int64_t kGroupGrain = 1 << 13;  // contiguous: elements per task (one pass: 2 threads pay from ~16K)
 constexpr int64_t kBlock = 4096;     // contiguous: elements per statistics block (16 KB fp32, read twice from L1)
 constexpr int64_t kTile = 8192;      // channels_last: elements per statistics tile (whole pixels, read twice)
 constexpr int kLanes = 16;           // independent fp32 partial sums: whole vectors, no reassociation needed
@@ -149,37 +151,44 @@ CMFAST_CLONES void column_squared_deviations(const T* __restrict__ x, int64_t ro
     }
 }
 
-// exp(x) for the SiLU in plain arithmetic, so that it vectorises (libm's expf does not without -ffast-math):
-// Cephes' expf, within ~2 ulp. |x| is clamped to 126 ln 2 (exp stays a normal float) on the integer bits: a float
-// comparison would stop the vectoriser (it may trap). Any x with |x| > 87 gives SiLU's limits (0 or x) anyway.
-__attribute__((always_inline)) inline float exp_approx(float x) {
-  const int32_t bits = bits_as<int32_t>(x);
-  const int32_t limit = bits_as<int32_t>(87.33654f);
-  const int32_t magnitude = std::min(bits & 0x7fffffff, limit);  // NaN too: SiLU's y / (...) keeps it NaN
-  x = bits_as<float>(magnitude | (bits & static_cast<int32_t>(0x80000000u)));
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2), |x / ln 2| < 2^22
-  float r = x - n * 0.693359375f;                                          // x - n ln 2 in two steps (Cody-Waite)
+// 1 + exp(-y), the SiLU's denominator, in plain arithmetic that vectorises (libm's expf does not without
+// -ffast-math) and kept lean, as the SiLU is most of the kernel's arithmetic: |y| clamped to 87 on the integer bits
+// (a float comparison gets if-converted into a second division); n = round(-y / ln 2) taken from the low bits of the
+// rounding sum k; r = -y - n ln 2 in two steps (Cody-Waite); exp(r) by a degree-5 polynomial (fitted for relative
+// error on |r| <= ln 2 / 2); 2^n added to the exponent bits. Within 2.5e-7 of exp relatively, but for y near 87,
+// where exp(-y) < 1e-37 may come out garbled and vanishes in the 1 + anyway. NaN stays NaN in y / (...).
+__attribute__((always_inline)) inline float one_plus_exp_neg(float y) {
+  const uint32_t bits = bits_as<uint32_t>(y);
+  y = bits_as<float>(std::min(bits & 0x7fffffffu, bits_as<uint32_t>(87.0f)) | (bits & 0x80000000u));
+  const float k = y * -1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + n: n in the low mantissa bits
+  const float n = k - 12582912.0f;
+  float r = -y - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (the first part exact in 9 bits)
   r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_as<float>((static_cast<int32_t>(n) + 127) << 23);
+  float p = 8.312519639730453e-3f;
+  p = p * r + 4.1890114545822144e-2f;
+  p = p * r + 1.6667114198207855e-1f;
+  p = p * r + 4.99992311000824e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return 1.0f + bits_as<float>(bits_as<uint32_t>(p) + (bits_as<uint32_t>(k) << 23));
 }
 
 template <bool SILU>
 __attribute__((always_inline)) inline float epilogue(float y) {
-  return SILU ? y / (1.0f + exp_approx(-y)) : y;
+  return SILU ? y / one_plus_exp_neg(y) : y;
 }
 
-// out[i] = epilogue((x[i] - mean) * a + d) over one channel's n values (contiguous layout).
+// out[k, i] = epilogue((x[k, i] - mean) * a[k] + d[k]) over a group's channels k, n values each (contiguous
+// layout). One call a group, not a channel: at 8x8 a channel is only 64 values.
 template <typename T, bool SILU>
-CMFAST_CLONES void affine_run(const T* __restrict__ x, T* __restrict__ out, int64_t n, float mean, float a,
-                              float d) {
-  for (int64_t i = 0; i < n; ++i) out[i] = from_f32<T>(epilogue<SILU>((to_f32(x[i]) - mean) * a + d));
+CMFAST_CLONES void affine_channels(const T* __restrict__ x, T* __restrict__ out, int64_t channels, int64_t n,
+                                   float mean, const float* __restrict__ a, const float* __restrict__ d) {
+  for (int64_t k = 0; k < channels; ++k) {
+    const T* xk = x + k * n;
+    T* ok = out + k * n;
+    const float ak = a[k], dk = d[k];
+    for (int64_t i = 0; i < n; ++i) ok[i] = from_f32<T>(epilogue<SILU>((to_f32(xk[i]) - mean) * ak + dk));
+  }
 }
 
 // out[p, c] = epilogue((x[p, c] - mean[c]) * a[c] + d[c]) over rows of C channels (channels_last).
@@ -215,9 +224,10 @@ struct Problem {
 template <typename T>
 void group_norm_nchw(const T* x, T* out, const Problem& p) {
   const int64_t cg = p.channels / p.groups, n = cg * p.spatial;
-  auto affine = p.silu ? affine_run<T, true> : affine_run<T, false>;
-  at::parallel_for(0, p.batch * p.groups, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+  auto affine = p.silu ? affine_channels<T, true> : affine_channels<T, false>;
+  at::parallel_for(0, p.batch * p.groups, std::max<int64_t>(1, kGroupGrain / n), [&](int64_t begin, int64_t end) {
     std::vector<float> block(std::is_same_v<T, float> ? 0 : kBlock);  // fp16/bf16 blocks widened to fp32
+    std::vector<float> coef(2 * cg);                                    // the group's per-channel a, then d
     for (int64_t bg = begin; bg < end; ++bg) {
       const T* xg = x + bg * n;
       Moments m{0.0f, 0.0f, 0.0f};
@@ -237,8 +247,10 @@ void group_norm_nchw(const T* x, T* out, const Problem& p) {
       const int64_t b = bg / p.groups;
       for (int64_t c = bg % p.groups * cg, k = 0; k < cg; ++c, ++k) {
         const Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, c, b * p.channels + c);
-        affine(xg + k * p.spatial, out + bg * n + k * p.spatial, p.spatial, m.mean, f.a, f.d);
+        coef[k] = f.a;
+        coef[cg + k] = f.d;
       }
+      affine(xg, out + bg * n, cg, p.spatial, m.mean, coef.data(), coef.data() + cg);
     }
   });
 }
@@ -362,6 +374,30 @@ void group_norm_gpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
 #endif
 
 }  // namespace
+
+// The whole eager call after the public op's checks: x in a kernel layout, a fresh `out` like it, the parameters
+// as contiguous fp32, the kernel of x's device. Bound in module.cpp; one call from Python instead of a dozen.
+at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
+  const bool keep = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor xk = keep ? x : x.contiguous();
+  at::Tensor out = at::empty_like(xk);
+  auto f32 = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value() || !t->defined() || (t->scalar_type() == at::kFloat && t->is_contiguous())) return t;
+    return t->to(at::kFloat).contiguous();
+  };
+#ifdef CMFAST_WITH_CUDA
+  if (xk.is_cuda()) {
+    group_norm_gpu(xk, f32(weight), f32(bias), f32(scale), f32(shift), num_groups, eps, silu, out);
+    return out;
+  }
+#endif
+  TORCH_CHECK(xk.is_cpu(), "group_norm: no compiled kernel for device ", xk.device());
+  group_norm_cpu(xk, f32(weight), f32(bias), f32(scale), f32(shift), num_groups, eps, silu, out);
+  return out;
+}
+
 }  // namespace cmfast
 
 TORCH_LIBRARY_FRAGMENT(cmfast_C, m) {

@@ -1,6 +1,8 @@
 // The Python module cmfast._C. Its tensor ops register themselves with the torch dispatcher
 // (TORCH_LIBRARY in each csrc/<op>.cpp); this file only tells Python how the library was built.
-#include <pybind11/pybind11.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "ops.h"
 
 #ifdef CMFAST_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -13,6 +15,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cmfast compiled kernels (CPU, and CUDA when built with it)";
+  m.def("group_norm", &cmfast::group_norm, "the group_norm op's eager call: layout, output, kernel");
   m.def("build_info", [] {
     py::dict info;
     info["source_hash"] = CMFAST_STR(CMFAST_SOURCE_HASH);

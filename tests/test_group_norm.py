@@ -67,6 +67,41 @@ def test_kernels_match_reference(device, backend, dtype, layout, gen):
 
 
 @pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+def test_silu_over_its_whole_range(device, backend):
+    """With weight 0 the normalised value is exactly the shift, so the output is SiLU(shift) channel by channel: the
+    kernels' SiLU against float64 over -100..100 (past the clamp of their exp) and at a few special points."""
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 0.5, -0.5, 15.0, -15.0, 86.9, -86.9, 87.5, -87.5,
+                            float("inf"), float("nan")])
+    shift = torch.cat([torch.linspace(-100, 100, 4096 - 32 - len(special)), special,
+                       torch.zeros(32)]).reshape(1, -1)  # 4096 channels, in 32 groups of 128
+    x = torch.randn(1, shift.shape[1], 2, 3, dtype=torch.float64).float()
+    with cmfast.use_backend({"group_norm": backend}):
+        out = ops.group_norm(x.to(device), torch.zeros(shift.shape[1], device=device), None, shift=shift.to(device),
+                             silu=True).cpu()
+    y = shift[0].double()[:, None, None].expand(-1, 2, 3)
+    want, got = y * torch.sigmoid(y), out[0].double()
+    assert torch.equal(got.isnan(), want.isnan())
+    body = ~want.isnan() & (y.abs() <= 80)
+    rel = ((got - want).abs() / want.abs().clamp_min(1e-35))[body]
+    assert float(rel.max()) <= 1e-6, f"SiLU relative error {float(rel.max()):.3g}"
+    tails = y < -80  # SiLU underflows towards -0: tiny either way
+    assert float((got - want)[tails].abs().max()) <= 1e-30
+    assert got[y == float("inf")].eq(float("inf")).all()
+
+
+@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+def test_public_op_converts_parameters(device, backend, gen):
+    """fp16 and non-contiguous weight/bias/scale/shift go to the kernels as contiguous fp32."""
+    x, args = make((2, 64, 4, 4), torch.float32, device, gen)
+    odd = {k: (v.half() if k in ("weight", "scale") else v.t().contiguous().t() if v.dim() == 2 else v[None].expand(
+        2, -1)[1]) for k, v in args.items()}
+    with cmfast.use_backend({"group_norm": backend}):
+        out = ops.group_norm(x, **odd, silu=True)
+    exact = {k: v.float() for k, v in odd.items()}
+    assert_matches(out, reference(x, exact, True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
 @pytest.mark.parametrize("layout", ["strided_view", "channels_last", "three_dims"])
 def test_public_op_layouts(device, backend, layout, gen):
     x, args = make((2, 64, 8, 10), torch.float32, device, gen)

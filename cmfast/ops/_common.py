@@ -30,6 +30,17 @@ def check_same_device(name: str, t: torch.Tensor, like_name: str, like: torch.Te
         raise ValueError(f"{name}: expected device {like.device} (the device of {like_name}), got {t.device}")
 
 
+def check_optional(name: str, t, shape: tuple[int, ...], x: torch.Tensor) -> None:
+    """t is None, or a float tensor of `shape` on the device of x. The common case costs a few attribute reads
+    (ops run ~100 times a U-Net forward); the messages are built only when a check fails."""
+    if t is None or (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES and t.shape == shape
+                     and t.device == x.device):
+        return
+    check_tensor(name, t)
+    check_same_device(name, t, "x", x)
+    raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+
+
 def per_sample(name: str, value, x: torch.Tensor) -> torch.Tensor:
     """A per-sample float tensor of shape (batch,): a number or 0-dim tensor is broadcast over the batch."""
     batch = x.shape[0]
@@ -81,12 +92,17 @@ def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def needs_grad(*tensors) -> bool:
     """Whether autograd must see through the op (training): the ops' kernels have no backward, their references do."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def direct(x: torch.Tensor) -> bool:
     """Whether an eager call may run an op's implementation directly, skipping the registered op's dispatch (about
     20 us a call, which adds up over a U-Net's 117 norm and attention calls at small batches). Only torch.compile,
     export, and tensor subclasses (fake, functional) or meta tensors need the registered op."""
-    return type(x) is torch.Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+    return type(x) is torch.Tensor and not x.is_meta and not torch.compiler.is_compiling()
 

@@ -5,7 +5,10 @@
   y = SiLU(y)                        when silu=True
 
 Statistics and arithmetic in fp32 whatever the storage dtype (the reference computes GroupNorm in fp32 even
-in its fp16 mode); the output has x's dtype and x's memory layout. Kernels: issue 5; until then the reference.
+in its fp16 mode); the output has x's dtype and x's memory layout.
+
+An eager call on the compiled backends is one C++ call after the checks (cmfast._C.group_norm: layout, output,
+fp32 parameters, kernel): at the U-Net's small shapes the Python around a kernel used to cost as much as the kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._common import check_same_device, check_tensor, direct, needs_grad
+from .._extension import compiled
+from ._common import check_optional, check_tensor, direct, needs_grad
 
 IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 
@@ -40,13 +44,14 @@ def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, o
 
 
 def _impl(backend: str):
+    """The backend's kernel in its out= form: kernel(x, weight, bias, scale, shift, num_groups, eps, silu, out)."""
     if backend == "reference":
         return reference_group_norm
     if backend == "triton":
         from ..triton.group_norm import group_norm as triton_group_norm
 
         return triton_group_norm
-    return torch.ops.cmfast_C.group_norm  # "cpu" and "cuda": the dispatcher picks the kernel
+    return torch.ops.cmfast_C.group_norm.default  # "cpu" and "cuda": the dispatcher picks the kernel
 
 
 def kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +68,12 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _run(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
+    backend = backends.choose("group_norm", x.device, IMPLEMENTED)
+    if backend in ("cpu", "cuda"):  # all of the below in one C++ call (small shapes are overhead-bound)
+        return compiled.group_norm(x, weight, bias, scale, shift, num_groups, eps, silu)
     x = kernel_layout(x)
     out = torch.empty_like(x)
-    kernel = _impl(backends.choose("group_norm", x.device, IMPLEMENTED))
-    kernel(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
+    _impl(backend)(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
     return out
 
 
@@ -102,17 +109,13 @@ def group_norm(
 ) -> torch.Tensor:
     """GroupNorm of x (batch, C, ...), then `* (1 + scale) + shift` (each (batch, C)), then SiLU if `silu`."""
     check_tensor("x", x, min_dim=2)
-    channels = x.shape[1]
+    batch, channels = x.shape[:2]
     if not isinstance(num_groups, int) or num_groups <= 0 or channels % num_groups:
         raise ValueError(f"num_groups: expected a positive divisor of the {channels} channels of x, got {num_groups!r}")
-    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
-                           ("scale", scale, (x.shape[0], channels)), ("shift", shift, (x.shape[0], channels))):
-        if t is None:
-            continue
-        check_tensor(name, t)
-        check_same_device(name, t, "x", x)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    check_optional("weight", weight, (channels,), x)
+    check_optional("bias", bias, (channels,), x)
+    check_optional("scale", scale, (batch, channels), x)
+    check_optional("shift", shift, (batch, channels), x)
     if not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     if needs_grad(x, weight, bias, scale, shift):  # training: the differentiable reference

@@ -1,0 +1,14 @@
+// The ops' eager entry points, bound as functions of cmfast._C (module.cpp). The registered torch ops
+// (TORCH_LIBRARY in each csrc/<op>.cpp) remain what torch.compile and the backend probe see.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace cmfast {
+
+at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu);
+
+}  // namespace cmfast
