@@ -5,6 +5,8 @@
 // the group is one run of C/G * spatial elements, and a packet lies in one channel. Channels_last: the group is
 // `spatial` runs of C/G channels, C apart, and a packet holds VEC consecutive channels of one pixel.
 //   fused kernel:      one block per group holds its packets in registers: read once, exact two-pass statistics.
+//   shared kernel:     groups too large for registers but within a block's shared memory (fp16 768x64x64 groups are
+//                      196 KB: H100 blocks may have 227 KB) are held there instead: still read once from DRAM.
 //   two-stage kernels: when the group does not fit, or there are too few groups to fill the GPU (batch 1 has 32),
 //                      `splits` blocks per group write partial Moments to the workspace, then as many blocks merge
 //                      them (in the same order: identical statistics) and normalise their slice.
@@ -20,6 +22,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kSmallItems = 4;    // fused kernel: packets per thread for groups up to 1024 packets
 constexpr int kLargeItems = 16;   // ... up to 4096 packets (16K fp32 / 32K fp16 elements; 64 data registers)
+constexpr int kSharedThreads = 1024;  // shared kernel: one block per SM (its shared memory), so the most threads
 constexpr int kMaxSplits = 32;    // two-stage: blocks per group at most
 constexpr int kMinSplitPackets = 2 * kThreads;  // ... and at least two packets per thread in each
 
@@ -108,16 +111,18 @@ __device__ __forceinline__ Moments block_merge(Moments m) {
   return m;
 }
 
-// The block's total of v, in every thread.
+// The total of v over a block of THREADS threads, in every thread.
+template <int THREADS = kThreads>
 __device__ __forceinline__ float block_sum(float v) {
-  __shared__ float warps[kWarps];
+  constexpr int kBlockWarps = THREADS / 32;
+  __shared__ float warps[kBlockWarps];
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
   __syncthreads();
   float total = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += warps[w];
+  for (int w = 0; w < kBlockWarps; ++w) total += warps[w];
   __syncthreads();  // warps[] may be reused by the next call
   return total;
 }
@@ -172,6 +177,48 @@ __global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p)
       layout.locate(p, q, offset, channel);
       *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
     }
+  }
+}
+
+// One block per group, the group in dynamic shared memory (plan.shared_bytes): loaded once with the sum taken on
+// the way, squared deviations from the cached copy, then normalised from it. Same statistics as the fused kernel.
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kSharedThreads, 1) group_norm_shared_kernel(Params p) {
+  using Pack = Packed<T, VEC>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  Pack* cache = reinterpret_cast<Pack*>(shared_bytes);
+  const int64_t bg = blockIdx.x;
+  const GroupLayout<VEC, CL> layout(p, bg);
+  const T* x = static_cast<const T*>(p.x);
+  float sum = 0.0f;
+#pragma unroll 4
+  for (uint32_t q = threadIdx.x; q < p.packets; q += kSharedThreads) {
+    int64_t offset, channel;
+    layout.locate(p, q, offset, channel);
+    const Pack v = *reinterpret_cast<const Pack*>(x + offset);
+    cache[q] = v;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += to_float(v.v[k]);
+  }
+  const float n = float(p.packets) * VEC;
+  const float mean = block_sum<kSharedThreads>(sum) / n;  // its __syncthreads also publishes cache[]
+  float squares = 0.0f;
+  for (uint32_t q = threadIdx.x; q < p.packets; q += kSharedThreads) {
+    const Pack v = cache[q];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d = to_float(v.v[k]) - mean;
+      squares += d * d;
+    }
+  }
+  const float rstd = inv_std({n, mean, block_sum<kSharedThreads>(squares)}, p.eps);
+  T* out = static_cast<T*>(p.out);
+  const int64_t b = bg / p.groups;
+#pragma unroll 4
+  for (uint32_t q = threadIdx.x; q < p.packets; q += kSharedThreads) {
+    int64_t offset, channel;
+    layout.locate(p, q, offset, channel);
+    *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, cache[q], b, channel, mean, rstd);
   }
 }
 
@@ -251,6 +298,12 @@ cudaError_t launch(const GroupNormPlan& plan, const Params& p, int64_t groups_to
     group_norm_fused_kernel<T, VEC, CL, kSmallItems><<<grid, kThreads, 0, stream>>>(p);
   } else if (plan.items == kLargeItems) {
     group_norm_fused_kernel<T, VEC, CL, kLargeItems><<<grid, kThreads, 0, stream>>>(p);
+  } else if (plan.shared_bytes > 0) {
+    auto kernel = group_norm_shared_kernel<T, VEC, CL>;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(plan.shared_bytes));
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kSharedThreads, plan.shared_bytes, stream>>>(p);
   } else {
     group_norm_stats_kernel<T, VEC, CL><<<grid, kThreads, 0, stream>>>(p);
     group_norm_apply_kernel<T, VEC, CL><<<grid, kThreads, 0, stream>>>(p);
@@ -273,20 +326,21 @@ int dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
-    cudaGetLastError();  // clear it: the plan only needs an estimate
-    return 108;
+// An attribute of the current device, or `fallback` when it cannot be read (the plan only needs an estimate).
+int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess ||
+      value <= 0) {
+    cudaGetLastError();  // clear it
+    return fallback;
   }
-  return sms;
+  return value;
 }
 
 }  // namespace
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out) {
-  GroupNormPlan plan{dtype, 0, 0, 1, 0};
+  GroupNormPlan plan{dtype, 0, 0, 1, 0, 0};
   if (shape.groups <= 0 || shape.channels % shape.groups != 0) return plan;
   const int64_t group_channels = shape.channels / shape.groups;
   const int64_t n = group_channels * shape.spatial;
@@ -303,12 +357,19 @@ GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, con
   }
   const int64_t packets = n / plan.vec;
   // Blocks per group: enough for two blocks per SM, when the groups alone are too few.
-  const int sms = sm_count();
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, 108);
   const int64_t wanted = 2 * groups_total >= sms ? 1 : (2 * int64_t(sms) + groups_total - 1) / groups_total;
   plan.splits = int(std::max<int64_t>(1, std::min<int64_t>({wanted, kMaxSplits, packets / kMinSplitPackets})));
   // One block per group reads it once, when it fits in registers.
   if (plan.splits == 1 && packets <= int64_t(kThreads) * kLargeItems) {
     plan.items = packets <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
+    return plan;
+  }
+  // Else in shared memory, when a block may have that much (block_sum's few floats come on top of it).
+  const int64_t group_bytes = n * bytes;
+  const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024) - 1024;
+  if (plan.splits == 1 && group_bytes <= shared_limit) {
+    plan.shared_bytes = group_bytes;
     return plan;
   }
   plan.workspace_floats = groups_total * plan.splits * 3;
@@ -319,7 +380,7 @@ cudaError_t group_norm_cuda(const GroupNormPlan& plan, const GroupNormShape& sha
                             const float* weight, const float* bias, const float* scale, const float* shift, void* out,
                             float* workspace, float eps, bool silu, cudaStream_t stream) {
   if (plan.vec == 0) return cudaErrorInvalidValue;
-  if (plan.items == 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (plan.workspace_floats > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   Params p;
   p.x = x;
   p.out = out;
