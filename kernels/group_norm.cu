@@ -11,6 +11,7 @@
 //                      `splits` blocks per group write partial Moments to the workspace, then as many blocks merge
 //                      them (in the same order: identical statistics) and normalise their slice.
 #include <algorithm>
+#include <vector>
 
 #include "group_norm.cuh"
 #include "group_norm_math.h"
@@ -326,15 +327,35 @@ int dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// An attribute of the current device, or `fallback` when it cannot be read (the plan only needs an estimate).
-int device_attribute(cudaDeviceAttr attr, int fallback) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess ||
-      value <= 0) {
+// What the plan needs of the current device, read once per device and thread (attribute queries are driver
+// calls, and a batch-1 call is all host time); estimates when they cannot be read.
+struct DeviceLimits {
+  int sms = 108;
+  int shared_optin = 48 * 1024;  // dynamic shared memory a block may opt in to
+};
+
+DeviceLimits device_limits() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
     cudaGetLastError();  // clear it
-    return fallback;
+    return {};
   }
-  return value;
+  static thread_local std::vector<DeviceLimits> known;  // by device; sms == 0: not read yet
+  if (size_t(device) >= known.size()) known.resize(size_t(device) + 1, DeviceLimits{0, 0});
+  DeviceLimits& limits = known[size_t(device)];
+  if (limits.sms == 0) {
+    DeviceLimits read;
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && value > 0) {
+      read.sms = value;
+    }
+    if (cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && value > 0) {
+      read.shared_optin = value;
+    }
+    cudaGetLastError();  // clear any failure: the estimates serve
+    limits = read;
+  }
+  return limits;
 }
 
 }  // namespace
@@ -357,7 +378,8 @@ GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, con
   }
   const int64_t packets = n / plan.vec;
   // Blocks per group: enough for two blocks per SM, when the groups alone are too few.
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, 108);
+  const DeviceLimits limits = device_limits();
+  const int sms = limits.sms;
   const int64_t wanted = 2 * groups_total >= sms ? 1 : (2 * int64_t(sms) + groups_total - 1) / groups_total;
   plan.splits = int(std::max<int64_t>(1, std::min<int64_t>({wanted, kMaxSplits, packets / kMinSplitPackets})));
   // One block per group reads it once, when it fits in registers.
@@ -366,10 +388,8 @@ GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, con
     return plan;
   }
   // Else in shared memory, when a block may have that much (block_sum's few floats come on top of it).
-  const int64_t group_bytes = n * bytes;
-  const int64_t shared_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024) - 1024;
-  if (plan.splits == 1 && group_bytes <= shared_limit) {
-    plan.shared_bytes = group_bytes;
+  if (plan.splits == 1 && n * bytes <= limits.shared_optin - 1024) {
+    plan.shared_bytes = n * bytes;
     return plan;
   }
   plan.workspace_floats = groups_total * plan.splits * 3;
