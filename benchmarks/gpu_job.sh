@@ -17,7 +17,10 @@
 # Knobs: CMFAST_JOB_SECONDS (deadline of the whole job, default 560), PYTHON (default python3),
 #        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count), CMFAST_JOB_MODELS
 #        (default imagenet64; imagenet64,lsun256 adds LSUN-256), CMFAST_JOB_KERNEL_BATCHES, CMFAST_JOB_KERNELS (the
-#        kernel benchmarks, space-separated), CMFAST_JOB_COMPILE_BATCH (0: no compiled peers), CMFAST_JOB_TEST_WORKERS;
+#        kernel benchmarks, space-separated), CMFAST_JOB_COMPILE_BATCH (0: no compiled peers), CMFAST_JOB_TEST_WORKERS,
+#        CMFAST_JOB_TESTS (pytest paths, default tests), CMFAST_JOB_BATCHES=0 (no U-Net/sampler step);
+#        a short lease, the kernels only: CMFAST_JOB_TESTS=tests/test_group_norm.py CMFAST_JOB_BATCHES=0
+#        CMFAST_JOB_KERNELS=group_norm CMFAST_JOB_DTYPES=float16 CMFAST_JOB_COMPILE_BATCH=0;
 #        for a dry run on a CPU: CMFAST_JOB_DEVICE=cpu CMFAST_JOB_DTYPES=float32 CMFAST_JOB_BATCHES=1
 #        CMFAST_JOB_KERNEL_BATCHES=1 CMFAST_JOB_COMPILE_BATCH=1 CMFAST_JOB_BENCH_ARGS=--quick.
 set -uo pipefail  # no -e: a failing step is recorded and the job goes on
@@ -119,9 +122,12 @@ echo "test seed: CMFAST_TEST_SEED=$CMFAST_TEST_SEED"
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 120)  # one hung test must not eat the step
 "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
-step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu tests
-step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" --device "$DEVICE" \
-  --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
+read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
+step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
+if [[ $BATCHES != 0 ]]; then
+  step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" \
+    --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
+fi
 read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
 step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
   --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
