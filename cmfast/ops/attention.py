@@ -11,6 +11,7 @@ makes them so); read them through their strides (batch, channel, token), never t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -103,6 +104,7 @@ def torch_attention(qkv, num_heads, out):
     out_heads_view(out, num_heads).copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
+@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
 def _impl(backend: str):
     if backend == "reference":
         return reference_attention

@@ -10,6 +10,8 @@ storage dtype; the output has x's dtype and (when dense, batch outermost) x's me
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backends
@@ -75,6 +77,7 @@ def reference_prologue(x, sigma, sigma_data, out, t_in):
 # ---- backends: each fills `out` (and `t_in`) from flat, identically laid-out inputs --------------------------
 
 
+@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
 def _epilogue_impl(backend: str):
     if backend == "reference":
         return reference_epilogue
@@ -85,6 +88,7 @@ def _epilogue_impl(backend: str):
     return torch.ops.cmfast_C.consistency_epilogue  # "cpu" and "cuda": the dispatcher picks the kernel
 
 
+@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
 def _prologue_impl(backend: str):
     if backend == "reference":
         return reference_prologue

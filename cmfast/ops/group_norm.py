@@ -13,6 +13,7 @@ fp32 parameters, kernel): at the U-Net's small shapes the Python around a kernel
 
 from __future__ import annotations
 
+import functools
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, o
     out.copy_(group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu))
 
 
+@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
 def _impl(backend: str):
     """The backend's kernel in its out= form: kernel(x, weight, bias, scale, shift, num_groups, eps, silu, out)."""
     if backend == "reference":
