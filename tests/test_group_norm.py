@@ -74,7 +74,8 @@ def test_kernels_match_reference(device, backend, dtype, layout, gen):
 @pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
 def test_silu_over_its_whole_range(device, backend):
     """With weight 0 the normalised value is exactly the shift, so the output is SiLU(shift) channel by channel: the
-    kernels' SiLU against float64 over -100..100 (past the clamp of their exp) and at a few special points."""
+    kernels' SiLU against float64 over -100..100 (past the clamp of the CPU kernel's exp) and at a few special
+    points, element by element (the CPU kernel's SiLU is within 2e-7)."""
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 0.5, -0.5, 15.0, -15.0, 86.9, -86.9, 87.5, -87.5,
                             float("inf"), float("nan")])
     shift = torch.cat([torch.linspace(-100, 100, 4096 - 32 - len(special)), special,
@@ -88,7 +89,9 @@ def test_silu_over_its_whole_range(device, backend):
     assert torch.equal(got.isnan(), want.isnan())
     body = ~want.isnan() & (y.abs() <= 80)
     rel = ((got - want).abs() / want.abs().clamp_min(1e-35))[body]
-    assert float(rel.max()) <= 1e-6, f"SiLU relative error {float(rel.max()):.3g}"
+    # GPU exps are exp2.approx of y * log2(e): that product's rounding alone is ~3e-6 relative at |y| = 80.
+    rtol = 1e-5 if device == "cuda" else 1e-6
+    assert float(rel.max()) <= rtol, f"SiLU relative error {float(rel.max()):.3g}"
     tails = y < -80  # SiLU underflows towards -0: tiny either way
     assert float((got - want)[tails].abs().max()) <= 1e-30
     assert got[y == float("inf")].eq(float("inf")).all()
