@@ -7,9 +7,14 @@
 //   fused kernel:      one block per group holds its packets in registers: read once, exact two-pass statistics.
 //   shared kernel:     groups too large for registers but within a block's shared memory (fp16 768x64x64 groups are
 //                      196 KB: H100 blocks may have 227 KB) are held there instead: still read once from DRAM.
+//   cluster kernel:    too few groups to fill the GPU (batch 1 has 32) on sm_90+: a cluster of up to 8 blocks per
+//                      group, each holding its share in registers, statistics merged through distributed shared
+//                      memory: one launch, read once, no workspace.
 //   two-stage kernels: when the group does not fit, or there are too few groups to fill the GPU (batch 1 has 32),
 //                      `splits` blocks per group write partial Moments to the workspace, then as many blocks merge
 //                      them (in the same order: identical statistics) and normalise their slice.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -24,6 +29,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSmallItems = 4;    // fused kernel: packets per thread for groups up to 1024 packets
 constexpr int kLargeItems = 16;   // ... up to 4096 packets (16K fp32 / 32K fp16 elements; 64 data registers)
 constexpr int kSharedThreads = 1024;  // shared kernel: one block per SM (its shared memory), so the most threads
+constexpr int kMaxCluster = 8;    // cluster kernel: blocks per group at most (the portable cluster size)
 constexpr int kMaxSplits = 32;    // two-stage: blocks per group at most
 constexpr int kMinSplitPackets = 2 * kThreads;  // ... and at least two packets per thread in each
 
@@ -223,6 +229,91 @@ __global__ void __launch_bounds__(kSharedThreads, 1) group_norm_shared_kernel(Pa
   }
 }
 
+// A cluster of p.splits blocks per group (sm_90+): block `rank` keeps its share of the packets (as split_range)
+// in registers; the block sums of the values, then of their squared deviations from the group mean, are read by
+// every block of the cluster from every other one's shared memory, in rank order (identical statistics in all).
+template <typename T, int VEC, bool CL, int ITEMS>
+__global__ void __launch_bounds__(kThreads, 1) group_norm_cluster_kernel(Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Pack = Packed<T, VEC>;
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank());
+  const int64_t bg = blockIdx.x / p.splits;
+  const GroupLayout<VEC, CL> layout(p, bg);
+  const T* x = static_cast<const T*>(p.x);
+  uint32_t begin, end;
+  split_range(p, rank, begin, end);
+  Pack v[ITEMS];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t q = begin + threadIdx.x + i * kThreads;
+    if (q < end) {
+      int64_t offset, channel;
+      layout.locate(p, q, offset, channel);
+      v[i] = *reinterpret_cast<const Pack*>(x + offset);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
+    }
+  }
+  __shared__ float block_totals[2];  // this block's sum, then its sum of squared deviations
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) block_totals[0] = sum;
+  cluster.sync();
+  float total = 0.0f;
+  for (int r = 0; r < p.splits; ++r) total += *cluster.map_shared_rank(&block_totals[0], r);
+  const float n = float(p.packets) * VEC;
+  const float mean = total / n;
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (begin + threadIdx.x + i * kThreads < end) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float d = to_float(v[i].v[k]) - mean;
+        squares += d * d;
+      }
+    }
+  }
+  squares = block_sum(squares);
+  if (threadIdx.x == 0) block_totals[1] = squares;
+  cluster.sync();
+  float m2 = 0.0f;
+  for (int r = 0; r < p.splits; ++r) m2 += *cluster.map_shared_rank(&block_totals[1], r);
+  cluster.sync();  // every block has read the others' shared memory: each may now finish and exit
+  const float rstd = inv_std({n, mean, m2}, p.eps);
+  T* out = static_cast<T*>(p.out);
+  const int64_t b = bg / p.groups;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t q = begin + threadIdx.x + i * kThreads;
+    if (q < end) {
+      int64_t offset, channel;
+      layout.locate(p, q, offset, channel);
+      *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
+    }
+  }
+#endif
+}
+
+// Launches the cluster kernel: groups_total clusters of plan.splits blocks.
+template <typename T, int VEC, bool CL, int ITEMS>
+cudaError_t launch_clusters(const GroupNormPlan& plan, const Params& p, int64_t groups_total, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(groups_total * plan.splits));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(plan.splits);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, group_norm_cluster_kernel<T, VEC, CL, ITEMS>, p);
+}
+
 // Two-stage, first stage: block (group bg, split s) writes the Moments of its packets.
 template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(Params p) {
@@ -295,7 +386,12 @@ __global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(Params p) {
 template <typename T, int VEC, bool CL>
 cudaError_t launch(const GroupNormPlan& plan, const Params& p, int64_t groups_total, cudaStream_t stream) {
   const dim3 grid(unsigned(groups_total), unsigned(plan.splits));
-  if (plan.items == kSmallItems) {
+  if (plan.cluster) {
+    const cudaError_t err = plan.items == kSmallItems
+                                ? launch_clusters<T, VEC, CL, kSmallItems>(plan, p, groups_total, stream)
+                                : launch_clusters<T, VEC, CL, kLargeItems>(plan, p, groups_total, stream);
+    if (err != cudaSuccess) return err;
+  } else if (plan.items == kSmallItems) {
     group_norm_fused_kernel<T, VEC, CL, kSmallItems><<<grid, kThreads, 0, stream>>>(p);
   } else if (plan.items == kLargeItems) {
     group_norm_fused_kernel<T, VEC, CL, kLargeItems><<<grid, kThreads, 0, stream>>>(p);
@@ -332,6 +428,7 @@ bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) %
 struct DeviceLimits {
   int sms = 108;
   int shared_optin = 48 * 1024;  // dynamic shared memory a block may opt in to
+  int major = 8;                 // compute capability: clusters from 9
 };
 
 DeviceLimits device_limits() {
@@ -341,7 +438,7 @@ DeviceLimits device_limits() {
     return {};
   }
   static thread_local std::vector<DeviceLimits> known;  // by device; sms == 0: not read yet
-  if (size_t(device) >= known.size()) known.resize(size_t(device) + 1, DeviceLimits{0, 0});
+  if (size_t(device) >= known.size()) known.resize(size_t(device) + 1, DeviceLimits{0, 0, 0});
   DeviceLimits& limits = known[size_t(device)];
   if (limits.sms == 0) {
     DeviceLimits read;
@@ -352,6 +449,9 @@ DeviceLimits device_limits() {
     if (cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && value > 0) {
       read.shared_optin = value;
     }
+    if (cudaDeviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && value > 0) {
+      read.major = value;
+    }
     cudaGetLastError();  // clear any failure: the estimates serve
     limits = read;
   }
@@ -361,7 +461,7 @@ DeviceLimits device_limits() {
 }  // namespace
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out) {
-  GroupNormPlan plan{dtype, 0, 0, 1, 0, 0};
+  GroupNormPlan plan{dtype, 0, 0, 1, 0, 0, false};
   if (shape.groups <= 0 || shape.channels % shape.groups != 0) return plan;
   const int64_t group_channels = shape.channels / shape.groups;
   const int64_t n = group_channels * shape.spatial;
@@ -386,6 +486,17 @@ GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, con
   if (plan.splits == 1 && packets <= int64_t(kThreads) * kLargeItems) {
     plan.items = packets <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
     return plan;
+  }
+  // Too few groups, on sm_90+: a cluster per group, when its share fits each block's registers.
+  if (plan.splits > 1 && limits.major >= 9) {
+    const int blocks = std::min(plan.splits, kMaxCluster);
+    const int64_t share = (packets + blocks - 1) / blocks;
+    if (share <= int64_t(kThreads) * kLargeItems) {
+      plan.splits = blocks;
+      plan.cluster = true;
+      plan.items = share <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
+      return plan;
+    }
   }
   // Else in shared memory, when a block may have that much (block_sum's few floats come on top of it).
   if (plan.splits == 1 && n * bytes <= limits.shared_optin - 1024) {

@@ -19,9 +19,10 @@ struct GroupNormShape {
 };
 
 // How a call runs: one block per group that keeps the group in registers (items > 0) or in shared memory
-// (shared_bytes > 0), or `splits` blocks per group in two stages (partial statistics to `workspace`, then
-// normalise). Depends on the shape, the pointers' alignment and the current device's SM count and shared memory;
-// the caller allocates workspace_floats fp32 on the device.
+// (shared_bytes > 0), a cluster of `splits` blocks per group that keep it in registers (cluster, items > 0), or
+// `splits` blocks per group in two stages (partial statistics to `workspace`, then normalise). Depends on the
+// shape, the pointers' alignment and the current device (SM count, shared memory, compute capability); the caller
+// allocates workspace_floats fp32 on the device.
 struct GroupNormPlan {
   DType dtype;
   int vec;    // elements per load/store (16 bytes when the layout and pointers allow); 0: shape not supported
@@ -29,6 +30,7 @@ struct GroupNormPlan {
   int splits;
   int64_t workspace_floats;
   int64_t shared_bytes;  // the shared-memory kernel's dynamic shared memory, or 0
+  bool cluster;          // the cluster kernel (sm_90+)
 };
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out);

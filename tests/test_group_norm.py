@@ -19,8 +19,10 @@ REAL = [(2, 192, 64, 64), (2, 384, 32, 32), (1, 576, 16, 16), (4, 768, 8, 8), (1
 EDGE = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (1, 32, 3, 3), (2, 160, 16, 16)]  # C/32 = 2, 3, 3, 1, 5
 INTERPRETER = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (2, 192, 4, 4)]
 # GPU only: enough groups for one block each, each too large for the CUDA fused kernel's registers: the
-# shared-memory kernel (fp16 and fp32, 16-byte and 1-element packets), or the two-stage one where it does not fit.
-GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47)]
+# shared-memory kernel (fp16 and fp32, 16-byte and 1-element packets), or the two-stage one where it does not fit;
+# then batch 1 with groups past a cluster's registers (8 x 32K fp16 elements): the two-stage kernels on sm_90 too
+# (the batch-1 shapes above take the cluster kernel there).
+GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47), (1, 64, 384, 384)]
 
 
 def shapes_for(device, backend):
