@@ -15,7 +15,8 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cmfast compiled kernels (CPU, and CUDA when built with it)";
-  m.def("group_norm", &cmfast::group_norm, "the group_norm op's eager call: layout, output, kernel");
+  m.def("group_norm", &cmfast::group_norm, "the group_norm op's eager call: layout, output, kernel",
+        py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
   m.def("build_info", [] {
     py::dict info;
     info["source_hash"] = CMFAST_STR(CMFAST_SOURCE_HASH);
