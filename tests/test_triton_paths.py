@@ -73,3 +73,15 @@ def test_attention_tiles_and_head_dims(device, blocks, shape, gen, monkeypatch):
     assert not out.isnan().any()
     err = float((out.cpu().double() - truth).abs().max() / truth.abs().max())
     assert err <= 1e-5, f"relative error {err:.3g}"
+
+
+def test_launch_helpers_match_triton():
+    """The launchers' plain-Python cdiv / next_power_of_2 (triton's are slow host calls in Triton 3.9)."""
+    import triton
+
+    from cmfast.triton import cdiv, next_power_of_2
+
+    for n in range(0, 3000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (1, 3, 16, 64, 128, 1024):
+            assert cdiv(n, block) == triton.cdiv(n, block)

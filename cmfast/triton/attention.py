@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter
+from . import cdiv, next_power_of_2
 
 # GPU tiles, free of register spills with Triton 3.9's ptxas for sm_80 and sm_90a (compile-checked, not run).
 # fp16/bf16 on tensor cores, 8 warps (two warpgroups), K/V loads pipelined 3 deep (at most 80 KB of shared memory):
@@ -88,10 +89,10 @@ def _gpu_config(T: int, block_d: int, pairs: int, qkv: torch.Tensor) -> tuple[in
         block_m = block_n = BLOCK_FP32 // half
         warps, stages = 4, 2
     else:
-        large = triton.cdiv(T, BLOCK_M_LARGE) * pairs >= _sm_count(qkv.device)
+        large = cdiv(T, BLOCK_M_LARGE) * pairs >= _sm_count(qkv.device)
         block_m, block_n = BLOCK_M_LARGE if large else BLOCK_M_SMALL, BLOCK_N_HALF // half
         warps, stages = 8, 3
-    short = max(16, triton.next_power_of_2(T))
+    short = max(16, next_power_of_2(T))
     block_m, block_n = min(block_m, short), min(block_n, short)
     return block_m, block_n, warps if block_m >= 64 else 4, stages
 
@@ -102,7 +103,7 @@ def attention(qkv, num_heads, out):
     batch, three_c = qkv.shape[:2]
     channels = three_c // 3
     head_dim = channels // num_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     tokens = qkv.view(batch, three_c, -1)  # views (contiguous or channels_last): raises rather than copies
     out_tokens = out.view(batch, channels, -1)
     T, pairs = tokens.shape[-1], batch * num_heads
@@ -113,7 +114,7 @@ def attention(qkv, num_heads, out):
         (block_m, block_n), warps, stages = INTERPRETED_BLOCKS, 4, 1
     else:
         block_m, block_n, warps, stages = _gpu_config(T, block_d, pairs, qkv)
-    _attention_kernel[(triton.cdiv(T, block_m), pairs)](
+    _attention_kernel[(cdiv(T, block_m), pairs)](
         tokens, out_tokens, T, num_heads, channels, math.log2(math.e) / math.sqrt(head_dim),
         *tokens.stride(), *out_tokens.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreted,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 BLOCK = 1024  # elements per program: 8 per thread at 4 warps, two 16-byte packets of fp16 or fp32
 NUM_WARPS = 4  # memory-bound streaming; more warps add no bandwidth at this block size
 
@@ -60,7 +62,7 @@ def _prologue_kernel(x_ptr, sigma_ptr, out_ptr, t_in_ptr, n, blocks_per_sample, 
 def _grid(x: torch.Tensor) -> tuple[int, int]:
     batch = x.shape[0]
     n = x.numel() // max(batch, 1)
-    return n, triton.cdiv(n, BLOCK)
+    return n, cdiv(n, BLOCK)
 
 
 def consistency_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, out):

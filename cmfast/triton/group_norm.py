@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter
+from . import cdiv, next_power_of_2
 
 BLOCK = 4096  # elements per tile: groups up to this size are normalised from registers, in one read
 ELEMENTS_PER_THREAD = 16  # num_warps = tile / (32 * this), 1 to 8: four 16-byte loads per thread in flight
@@ -182,10 +183,10 @@ def _group_strides(t: torch.Tensor) -> tuple[int, int]:
 def _tile_shape(cpg: int, pixels: int, channels_last: bool) -> tuple[int, int]:
     """[BLOCK_C, BLOCK_S] of BLOCK elements at most, long along the axis that is contiguous in memory."""
     if channels_last:  # all the group's channels of a pixel, as many pixels as fit
-        block_c = min(triton.next_power_of_2(cpg), BLOCK)
-        return block_c, min(BLOCK // block_c, triton.next_power_of_2(pixels))
-    block_s = min(triton.next_power_of_2(pixels), BLOCK)
-    return min(triton.next_power_of_2(cpg), BLOCK // block_s), block_s
+        block_c = min(next_power_of_2(cpg), BLOCK)
+        return block_c, min(BLOCK // block_c, next_power_of_2(pixels))
+    block_s = min(next_power_of_2(pixels), BLOCK)
+    return min(next_power_of_2(cpg), BLOCK // block_s), block_s
 
 
 def _num_warps(elements: int) -> int:
@@ -216,15 +217,15 @@ def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
     if block_c >= cpg and block_s >= S:  # the group fits a tile: pack pairs while enough programs remain
         pack = max(min(BLOCK // (block_c * block_s), pairs // programs), 1)
         pack = 1 << (pack.bit_length() - 1)
-        _packed_kernel[(triton.cdiv(pairs, pack),)](
+        _packed_kernel[(cdiv(pairs, pack),)](
             x, out, weight, bias, scale, shift, pairs, num_groups, cpg, S, *strides, eps, **flags,
             PAIRS=pack, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(pack * block_c * block_s),
         )
         return
     # Few pairs of large groups: split each group's pixels into parts, none under MIN_SPLIT_ELEMENTS.
-    parts = min(triton.cdiv(programs, pairs), triton.cdiv(cpg * S, MIN_SPLIT_ELEMENTS)) if pairs < sms else 1
-    pixels_per_part = triton.next_power_of_2(triton.cdiv(S, parts))  # aligned parts, whole tiles
-    parts = triton.cdiv(S, pixels_per_part)  # none empty
+    parts = min(cdiv(programs, pairs), cdiv(cpg * S, MIN_SPLIT_ELEMENTS)) if pairs < sms else 1
+    pixels_per_part = next_power_of_2(cdiv(S, parts))  # aligned parts, whole tiles
+    parts = cdiv(S, pixels_per_part)  # none empty
     block_c, block_s = _tile_shape(cpg, pixels_per_part, channels_last)
     tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
     workspace = None
@@ -232,5 +233,5 @@ def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
         workspace = torch.empty((pairs, parts, 3), dtype=torch.float32, device=x.device)
         _partial_stats_kernel[(pairs, parts)](x, workspace, num_groups, cpg, S, pixels_per_part, *strides, **tile)
     _normalize_kernel[(pairs, parts)](x, out, workspace, weight, bias, scale, shift, num_groups, cpg, S,
-                                      pixels_per_part, *strides, eps, **flags, PARTS=triton.next_power_of_2(parts),
+                                      pixels_per_part, *strides, eps, **flags, PARTS=next_power_of_2(parts),
                                       **tile)
