@@ -141,18 +141,21 @@ __device__ __forceinline__ void split_range(const Params& p, int s, uint32_t& be
   end = min(p.packets, begin + chunk);
 }
 
-template <typename T, int VEC, bool CL, int ITEMS>
-__global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p) {
+// This block's packets [begin, end) of group bg, held in registers: their sum, the group mean, their squared
+// deviations from it, then normalised and written. `group_total(v, slot)` turns the block's total v (slot 0: of
+// the values, 1: of the squared deviations) into the group's: the identity when the block has the whole group.
+template <typename T, int VEC, bool CL, int ITEMS, typename GroupTotal>
+__device__ __forceinline__ void normalise_held(const Params& p, int64_t bg, uint32_t begin, uint32_t end,
+                                               GroupTotal group_total) {
   using Pack = Packed<T, VEC>;
-  const int64_t bg = blockIdx.x;
   const GroupLayout<VEC, CL> layout(p, bg);
   const T* x = static_cast<const T*>(p.x);
   Pack v[ITEMS];
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = threadIdx.x + i * kThreads;
-    if (q < p.packets) {
+    const uint32_t q = begin + threadIdx.x + i * kThreads;
+    if (q < end) {
       int64_t offset, channel;
       layout.locate(p, q, offset, channel);
       v[i] = *reinterpret_cast<const Pack*>(x + offset);
@@ -161,11 +164,11 @@ __global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p)
     }
   }
   const float n = float(p.packets) * VEC;
-  const float mean = block_sum(sum) / n;
+  const float mean = group_total(block_sum(sum), 0) / n;
   float squares = 0.0f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    if (threadIdx.x + i * kThreads < p.packets) {
+    if (begin + threadIdx.x + i * kThreads < end) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float d = to_float(v[i].v[k]) - mean;
@@ -173,18 +176,23 @@ __global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p)
       }
     }
   }
-  const float rstd = inv_std({n, mean, block_sum(squares)}, p.eps);
+  const float rstd = inv_std({n, mean, group_total(block_sum(squares), 1)}, p.eps);
   T* out = static_cast<T*>(p.out);
   const int64_t b = bg / p.groups;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = threadIdx.x + i * kThreads;
-    if (q < p.packets) {
+    const uint32_t q = begin + threadIdx.x + i * kThreads;
+    if (q < end) {
       int64_t offset, channel;
       layout.locate(p, q, offset, channel);
       *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
     }
   }
+}
+
+template <typename T, int VEC, bool CL, int ITEMS>
+__global__ void __launch_bounds__(kThreads, 1) group_norm_fused_kernel(Params p) {
+  normalise_held<T, VEC, CL, ITEMS>(p, blockIdx.x, 0, p.packets, [](float total, int) { return total; });
 }
 
 // One block per group, the group in dynamic shared memory (plan.shared_bytes): loaded once with the sum taken on
@@ -229,71 +237,27 @@ __global__ void __launch_bounds__(kSharedThreads, 1) group_norm_shared_kernel(Pa
   }
 }
 
-// A cluster of p.splits blocks per group (sm_90+): block `rank` keeps its share of the packets (as split_range)
-// in registers; the block sums of the values, then of their squared deviations from the group mean, are read by
-// every block of the cluster from every other one's shared memory, in rank order (identical statistics in all).
+// A cluster of p.splits blocks per group (sm_90+): block `rank` holds its share of the packets (as split_range);
+// each block total is read by every block of the cluster from every other one's shared memory, in rank order
+// (identical statistics in all).
 template <typename T, int VEC, bool CL, int ITEMS>
 __global__ void __launch_bounds__(kThreads, 1) group_norm_cluster_kernel(Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Pack = Packed<T, VEC>;
   namespace cg = cooperative_groups;
   const cg::cluster_group cluster = cg::this_cluster();
-  const int rank = int(cluster.block_rank());
-  const int64_t bg = blockIdx.x / p.splits;
-  const GroupLayout<VEC, CL> layout(p, bg);
-  const T* x = static_cast<const T*>(p.x);
+  __shared__ float block_totals[2];  // this block's total of the values, then of the squared deviations
+  const int splits = p.splits;
+  auto group_total = [&](float total, int slot) {
+    if (threadIdx.x == 0) block_totals[slot] = total;
+    cluster.sync();
+    float sum = 0.0f;
+    for (int r = 0; r < splits; ++r) sum += *cluster.map_shared_rank(&block_totals[slot], r);
+    if (slot == 1) cluster.sync();  // all reads done: every block may finish and exit
+    return sum;
+  };
   uint32_t begin, end;
-  split_range(p, rank, begin, end);
-  Pack v[ITEMS];
-  float sum = 0.0f;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = begin + threadIdx.x + i * kThreads;
-    if (q < end) {
-      int64_t offset, channel;
-      layout.locate(p, q, offset, channel);
-      v[i] = *reinterpret_cast<const Pack*>(x + offset);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
-    }
-  }
-  __shared__ float block_totals[2];  // this block's sum, then its sum of squared deviations
-  sum = block_sum(sum);
-  if (threadIdx.x == 0) block_totals[0] = sum;
-  cluster.sync();
-  float total = 0.0f;
-  for (int r = 0; r < p.splits; ++r) total += *cluster.map_shared_rank(&block_totals[0], r);
-  const float n = float(p.packets) * VEC;
-  const float mean = total / n;
-  float squares = 0.0f;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    if (begin + threadIdx.x + i * kThreads < end) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float d = to_float(v[i].v[k]) - mean;
-        squares += d * d;
-      }
-    }
-  }
-  squares = block_sum(squares);
-  if (threadIdx.x == 0) block_totals[1] = squares;
-  cluster.sync();
-  float m2 = 0.0f;
-  for (int r = 0; r < p.splits; ++r) m2 += *cluster.map_shared_rank(&block_totals[1], r);
-  cluster.sync();  // every block has read the others' shared memory: each may now finish and exit
-  const float rstd = inv_std({n, mean, m2}, p.eps);
-  T* out = static_cast<T*>(p.out);
-  const int64_t b = bg / p.groups;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = begin + threadIdx.x + i * kThreads;
-    if (q < end) {
-      int64_t offset, channel;
-      layout.locate(p, q, offset, channel);
-      *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
-    }
-  }
+  split_range(p, int(cluster.block_rank()), begin, end);
+  normalise_held<T, VEC, CL, ITEMS>(p, blockIdx.x / splits, begin, end, group_total);
 #endif
 }
 
