@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -320,6 +321,11 @@ void group_norm_nhwc(const T* x, T* out, const Problem& p) {
 
 // ---- the op -----------------------------------------------------------------------------------------------
 
+// x as the kernels take it: 4-d channels_last stays so, anything else is made contiguous.
+at::Tensor kernel_layout(const at::Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous();
+}
+
 // Checks the kernel contract (see cmfast/ops/group_norm.py) and returns the problem; channels_last says which
 // layout x has (a tensor that is both, e.g. 1x1 spatial, counts as contiguous).
 Problem check_problem(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -381,13 +387,27 @@ void group_norm_gpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
 
 }  // namespace
 
+#ifdef CMFAST_WITH_CUDA
+std::string group_norm_cuda_path(const at::Tensor& x, int64_t num_groups) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 2, "group_norm_cuda_path: expected a CUDA tensor (batch, C, ...)");
+  const at::Tensor xk = kernel_layout(x);
+  const c10::cuda::CUDAGuard guard(xk.device());
+  const GroupNormShape shape{xk.size(0), xk.size(1), xk.numel() / std::max<int64_t>(xk.size(0) * xk.size(1), 1),
+                             num_groups, !xk.is_contiguous()};
+  const GroupNormPlan plan = group_norm_cuda_plan(kernel_dtype(xk), shape, xk.const_data_ptr(), xk.const_data_ptr());
+  if (plan.vec == 0) return "unsupported";
+  if (plan.cluster) return "cluster";
+  if (plan.items > 0) return "fused";
+  return plan.shared_bytes > 0 ? "shared" : "two-stage";
+}
+#endif
+
 // The whole eager call after the public op's checks: x in a kernel layout, a fresh `out` like it, the parameters
 // as contiguous fp32, the kernel of x's device. Bound in module.cpp; one call from Python instead of a dozen.
 at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
-  const bool keep = x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor xk = keep ? x : x.contiguous();
+  const at::Tensor xk = kernel_layout(x);
   at::Tensor out = at::empty_like(xk);
   auto f32 = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t.has_value() || !t->defined() || (t->scalar_type() == at::kFloat && t->is_contiguous())) return t;

@@ -17,6 +17,9 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cmfast compiled kernels (CPU, and CUDA when built with it)";
   m.def("group_norm", &cmfast::group_norm, "the group_norm op's eager call: layout, output, kernel",
         py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
+#ifdef CMFAST_WITH_CUDA
+  m.def("group_norm_cuda_path", &cmfast::group_norm_cuda_path, "which CUDA kernel group_norm runs for x");
+#endif
   m.def("build_info", [] {
     py::dict info;
     info["source_hash"] = CMFAST_STR(CMFAST_SOURCE_HASH);

@@ -4,11 +4,18 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 
 namespace cmfast {
 
 at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu);
+
+#ifdef CMFAST_WITH_CUDA
+// Which CUDA kernel group_norm would run for x on its device: fused, shared, cluster, two-stage (for tests and
+// for reading benchmarks).
+std::string group_norm_cuda_path(const at::Tensor& x, int64_t num_groups);
+#endif
 
 }  // namespace cmfast

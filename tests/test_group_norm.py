@@ -73,6 +73,27 @@ def test_kernels_match_reference(device, backend, dtype, layout, gen):
             assert_matches(out, reference(x, args, silu), ulps=2, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, dtype, path", [
+    ((2, 192, 32, 32), torch.float16, "fused"),  # 6K-element groups, 64 of them
+    ((4, 384, 64, 64), torch.float16, "shared"),  # 96 KB groups, 128 of them: enough for the SMs of an A100/H100
+    ((3, 160, 64, 64), torch.float32, "shared"),  # 80 KB
+    ((1, 192, 64, 64), torch.float16, "cluster"),  # batch 1: 32 groups (sm_90; two-stage before)
+    ((1, 64, 384, 384), torch.float16, "two-stage"),  # batch 1, 576 KB groups: past 8 blocks' registers
+])
+def test_cuda_kernel_paths(shape, dtype, path):
+    """The CUDA plan sends the GPU test shapes to the kernels they are meant to exercise."""
+    if not cmfast.extension.cuda:
+        pytest.skip(cmfast.extension.reason or "cmfast._C has no CUDA part")
+    from cmfast._extension import compiled
+
+    x = torch.empty(shape, dtype=dtype, device="cuda")
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        path = "two-stage"
+    assert compiled.group_norm_cuda_path(x, 32) == path
+    assert compiled.group_norm_cuda_path(x.to(memory_format=torch.channels_last), 32) == path
+
+
 @pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
 def test_silu_over_its_whole_range(device, backend):
     """With weight 0 the normalised value is exactly the shift, so the output is SiLU(shift) channel by channel: the
