@@ -28,6 +28,15 @@ def eager(x, weight, bias, scale, shift):
     return F.silu(y * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
 
 
+def cuda_path(x) -> str:
+    """Which CUDA kernel the op runs for x ("" when the build cannot say), for reading the bandwidth."""
+    from cmfast._extension import compiled
+
+    if compiled is None or not hasattr(compiled, "group_norm_cuda_path"):
+        return ""
+    return f"{compiled.group_norm_cuda_path(x, GROUPS)} kernel"
+
+
 def cmfast_group_norm(x, weight, bias, scale, shift):
     return ops.group_norm(x, weight, bias, num_groups=GROUPS, eps=EPS, scale=scale, shift=shift, silu=True)
 
@@ -50,7 +59,8 @@ def run(session) -> None:
 
                 sets = session.rotated(make, nbytes)
                 for name, fn in found.items():
-                    note = "default backend" if name == f"cmfast-{default}" else ""
+                    note = "; ".join(filter(None, ("default backend" if name == f"cmfast-{default}" else "",
+                                                   cuda_path(sets[0][0]) if name == "cmfast-cuda" else "")))
                     session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets],
                                    shape="x".join(map(str, shape)), dtype=dtype, batch=batch,
                                    timing=session.kernel_timing, nbytes=nbytes, note=note)
