@@ -16,6 +16,8 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "group_norm.cuh"
@@ -422,6 +424,16 @@ DeviceLimits device_limits() {
   return limits;
 }
 
+// CMFAST_GROUP_NORM_CLUSTER=0 (read once) keeps batch 1 on the two-stage kernels: to compare the two on one
+// GPU, or where clusters cannot be scheduled.
+bool clusters_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("CMFAST_GROUP_NORM_CLUSTER");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 }  // namespace
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out) {
@@ -452,7 +464,7 @@ GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, con
     return plan;
   }
   // Too few groups, on sm_90+: a cluster per group, when its share fits each block's registers.
-  if (plan.splits > 1 && limits.major >= 9) {
+  if (plan.splits > 1 && limits.major >= 9 && clusters_enabled()) {
     const int blocks = std::min(plan.splits, kMaxCluster);
     const int64_t share = (packets + blocks - 1) / blocks;
     if (share <= int64_t(kThreads) * kLargeItems) {
