@@ -1,6 +1,7 @@
 // The group_norm op's compiled kernels: the CPU kernel here, the CUDA kernels in kernels/group_norm.cu, both
-// registered as cmfast_C::group_norm. The public op (cmfast/ops/group_norm.py) validates, lays x out
-// (contiguous, or 4-d channels_last), allocates `out` like x and picks a backend; this op only fills `out`.
+// registered as cmfast_C::group_norm, which only fills a given `out`. The public op (cmfast/ops/group_norm.py)
+// validates and picks a backend; its eager calls then go through cmfast::group_norm (bottom of this file, bound in
+// module.cpp), which lays x out (contiguous, or 4-d channels_last), allocates `out` like it and runs the kernel.
 //
 // Each (sample, group) gets fp32 Moments (count, mean, M2) from blocks that are each read twice while cached
 // (sum, then squared deviations from the block's mean) and merged with Chan's update, then every channel is
