@@ -31,6 +31,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kSmallItems = 4;    // fused kernel: packets per thread for groups up to 1024 packets
 constexpr int kLargeItems = 16;   // ... up to 4096 packets (16K fp32 / 32K fp16 elements; 64 data registers)
 constexpr int kSharedThreads = 1024;  // shared kernel: one block per SM (its shared memory), so the most threads
+constexpr int kSharedLoads = 4;       // ... and 4 packets in flight per thread: 64 KB a block
 constexpr int kMaxCluster = 8;    // cluster kernel: blocks per group at most (the portable cluster size)
 constexpr int kMaxSplits = 32;    // two-stage: blocks per group at most
 constexpr int kMinSplitPackets = 2 * kThreads;  // ... and at least two packets per thread in each
@@ -208,14 +209,26 @@ __global__ void __launch_bounds__(kSharedThreads, 1) group_norm_shared_kernel(Pa
   const GroupLayout<VEC, CL> layout(p, bg);
   const T* x = static_cast<const T*>(p.x);
   float sum = 0.0f;
-#pragma unroll 4
-  for (uint32_t q = threadIdx.x; q < p.packets; q += kSharedThreads) {
-    int64_t offset, channel;
-    layout.locate(p, q, offset, channel);
-    const Pack v = *reinterpret_cast<const Pack*>(x + offset);
-    cache[q] = v;
+  for (uint32_t first = threadIdx.x; first < p.packets; first += kSharedLoads * kSharedThreads) {
+    Pack v[kSharedLoads];  // all loads issued before the first use: that many in flight per thread
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) sum += to_float(v.v[k]);
+    for (int u = 0; u < kSharedLoads; ++u) {
+      const uint32_t q = first + u * kSharedThreads;
+      if (q < p.packets) {
+        int64_t offset, channel;
+        layout.locate(p, q, offset, channel);
+        v[u] = *reinterpret_cast<const Pack*>(x + offset);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSharedLoads; ++u) {
+      const uint32_t q = first + u * kSharedThreads;
+      if (q < p.packets) {
+        cache[q] = v[u];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum += to_float(v[u].v[k]);
+      }
+    }
   }
   const float n = float(p.packets) * VEC;
   const float mean = block_sum<kSharedThreads>(sum) / n;  // its __syncthreads also publishes cache[]
@@ -231,7 +244,6 @@ __global__ void __launch_bounds__(kSharedThreads, 1) group_norm_shared_kernel(Pa
   const float rstd = inv_std({n, mean, block_sum<kSharedThreads>(squares)}, p.eps);
   T* out = static_cast<T*>(p.out);
   const int64_t b = bg / p.groups;
-#pragma unroll 4
   for (uint32_t q = threadIdx.x; q < p.packets; q += kSharedThreads) {
     int64_t offset, channel;
     layout.locate(p, q, offset, channel);
