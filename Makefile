@@ -4,6 +4,8 @@
 #   make run         build, print what this install can do (cmfast info), run the built-in model's demo (when
 #                    the checkout has it) and a quick pass of the benchmarks into out/
 #   make cuda-check  compile kernels/*.cu for sm_80 and sm_90a with CMake; fail on any register spill
+#   make triton-check compile the Triton kernels for sm_80 and sm_90a at every launch the U-Nets make; fail on a
+#                    spill, shared memory or registers past the target's limits, or a compile error
 #   make cuda-link   build the CUDA part of cmfast._C against a CUDA build of torch (no GPU needed)
 #   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
 #   make ci          all of the above (what .ci/run does)
@@ -18,7 +20,7 @@ CUDA_VENV ?= $(CACHE)/venv-cuda-2.11
 CUDA_HOME ?= /usr/local/cuda
 PY := $(VENV)/bin/python
 
-.PHONY: build test run cuda-check cuda-link wheel-smoke ci digits-model
+.PHONY: build test run cuda-check triton-check cuda-link wheel-smoke ci digits-model
 
 # The CPU build of torch is pinned first: a bare "torch" requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: requirements-dev.txt
@@ -45,6 +47,9 @@ run: build
 cuda-check: $(VENV)/.installed
 	$(PY) tools/ptxas_report.py
 
+triton-check: build
+	$(PY) tools/triton_report.py
+
 $(CUDA_VENV)/.installed:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip
@@ -57,7 +62,7 @@ cuda-link: $(CUDA_VENV)/.installed
 wheel-smoke: $(VENV)/.installed
 	tools/wheel_smoke.sh $(PY) "$(TORCH)"
 
-ci: test cuda-check cuda-link wheel-smoke
+ci: test cuda-check triton-check cuda-link wheel-smoke
 
 # The recipe of the built-in model (cmfast/data/digits.safetensors): improved CT on scikit-learn's digits at
 # 16x16, 2 CPU threads, seed 0, EMA 0.999 (0.995 gave a better Frechet distance but 89.6% recognised one-step samples;

@@ -113,8 +113,9 @@ class Block(nn.ModuleList):
 
 
 def _may_sync(t: torch.Tensor) -> bool:
-    """Whether a value check may read `t` on the host: not while compiling nor while capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
+    """Whether a value check may read `t` on the host: not while compiling nor while capturing a CUDA graph, and not
+    on the meta device (no values: shape tracing)."""
+    if t.is_meta or torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
