@@ -23,6 +23,18 @@ REGS = re.compile(r"Used (\d+) registers")
 COLUMNS = ("kernel", "arch", "regs", "stack", "spill st", "spill ld")
 
 
+def print_table(rows: list[dict], columns: tuple[tuple[str, str], ...]) -> None:
+    """columns: (heading, key); columns of numbers right-aligned, the others left-aligned; None prints as -."""
+    table = [tuple(h for h, _ in columns)] + [tuple("-" if r[k] is None else str(r[k]) for _, k in columns)
+                                              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    right = [all(row[i].replace(",", "").isdigit() or row[i] == "-" for row in table[1:]) for i in range(len(columns))]
+    for i, row in enumerate(table):
+        print("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def fail(message):
     print(f"ptxas_report: {message}", flush=True)
     sys.exit(2)
@@ -136,16 +148,7 @@ def main():
     for row, name in zip(rows, demangle([r["name"] for r in rows], args.full_names)):
         row["pretty"] = name
     rows.sort(key=lambda r: (r["pretty"], r["arch"]))
-    table = [COLUMNS] + [
-        (r["pretty"], r["arch"], "-" if r["regs"] is None else str(r["regs"]), str(r["stack"]), str(r["spill_st"]),
-         str(r["spill_ld"]))
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    for i, row in enumerate(table):
-        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows, tuple(zip(COLUMNS, ("pretty", "arch", "regs", "stack", "spill_st", "spill_ld"))))
     spilling = [r for r in rows if r["spill_st"] or r["spill_ld"]]
     for r in spilling:
         print(f"SPILL: {r['pretty']} on {r['arch']}: {r['spill_st']} B stores, {r['spill_ld']} B loads")

@@ -35,7 +35,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ptxas_report import parse as parse_ptxas  # noqa: E402
+from ptxas_report import parse as parse_ptxas, print_table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -201,10 +201,10 @@ def compile_launch(target: Target, launch: Launch) -> dict:
     row = entries[0]
     meta = compiled.metadata
     constants = {k: v for k, v in kwargs.items() if k.isupper()}
+    dtype = next(t for t in signature.values() if t.startswith("*"))[1:]  # the first pointer's: x's or qkv's
     return {
-        "kernel": kernel.fn.__name__, "arch": target.arch, "dtype": next(t for t in signature.values() if t[0] == "*")[1:],
-        "warps": meta.num_warps, "stages": meta.num_stages,
-        "regs": row["regs"], "spill_st": row["spill_st"], "spill_ld": row["spill_ld"], "shared": meta.shared,
+        "kernel": kernel.fn.__name__, "arch": target.arch, "dtype": dtype, "warps": meta.num_warps,
+        "stages": meta.num_stages, "regs": row["regs"], "spill_st": row["spill_st"], "spill_ld": row["spill_ld"], "shared": meta.shared,
         "constants": " ".join(f"{k}={v}" for k, v in constants.items() if not k.startswith("HAS_")),
         "example": launch.examples[0], "calls": len(launch.examples),
     }
@@ -239,17 +239,6 @@ def summarise(rows: list[dict]) -> list[dict]:
     for g in groups.values():
         g["warps"] = ",".join(map(str, sorted(g["warps"])))
     return list(groups.values())
-
-
-def print_table(rows: list[dict], columns: tuple[tuple[str, str], ...]) -> None:
-    """columns: (heading, key); text columns left-aligned, numbers right-aligned."""
-    table = [tuple(h for h, _ in columns)] + [tuple(str(r[k]) for _, k in columns) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    right = [all(row[i].replace(",", "").isdigit() for row in table[1:]) for i in range(len(columns))]
-    for i, row in enumerate(table):
-        print("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 FULL_COLUMNS = (("kernel", "kernel"), ("arch", "arch"), ("dtype", "dtype"), ("warps", "warps"), ("stages", "stages"),
