@@ -50,11 +50,12 @@ def test_trace_of_the_lsun256_unet():
 def test_problems_flags_spills_shared_memory_and_registers():
     tool = load_tool()
     target = tool.TARGETS["sm_90a"]
-    clean = dict(regs=128, warps=8, spill_st=0, spill_ld=0, shared=target.shared_bytes)
+    clean = dict(regs=128, warps=8, spill_st=0, spill_ld=0, shared=target.shared_bytes, fp_fusion_stated=True)
     assert tool.problems(target, clean) == []
     assert "spills" in tool.problems(target, dict(clean, spill_ld=4))[0]
     assert "shared memory" in tool.problems(target, dict(clean, shared=target.shared_bytes + 1))[0]
     assert "registers" in tool.problems(target, dict(clean, regs=255, warps=16))[0]  # 255 x 512 > 64K
+    assert "fp_fusion" in tool.problems(target, dict(clean, fp_fusion_stated=False))[0]
 
 
 def test_compiles_a_kernel_for_sm90a():

@@ -204,14 +204,18 @@ def compile_launch(target: Target, launch: Launch) -> dict:
     dtype = next(t for t in signature.values() if t.startswith("*"))[1:]  # the first pointer's: x's or qkv's
     return {
         "kernel": kernel.fn.__name__, "arch": target.arch, "dtype": dtype, "warps": meta.num_warps,
-        "stages": meta.num_stages, "regs": row["regs"], "spill_st": row["spill_st"], "spill_ld": row["spill_ld"], "shared": meta.shared,
+        "stages": meta.num_stages, "regs": row["regs"], "spill_st": row["spill_st"], "spill_ld": row["spill_ld"],
+        "shared": meta.shared,
         "constants": " ".join(f"{k}={v}" for k, v in constants.items() if not k.startswith("HAS_")),
         "example": launch.examples[0], "calls": len(launch.examples),
+        "fp_fusion_stated": "enable_fp_fusion" in launch.kwargs,
     }
 
 
 def problems(target: Target, row: dict) -> list[str]:
     found = []
+    if not row["fp_fusion_stated"]:
+        found.append("the launch leaves enable_fp_fusion to Triton's default (which 3.10 changes)")
     if row["spill_st"] or row["spill_ld"]:
         found.append(f"spills {row['spill_st']} B stores, {row['spill_ld']} B loads")
     if row["shared"] > target.shared_bytes:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter
-from . import cdiv, next_power_of_2
+from . import FP_FUSION, cdiv, next_power_of_2
 
 # GPU tiles, free of register spills for sm_80 and sm_90a (`make triton-check`; run on an H100 with Triton 3.6).
 # fp16/bf16 on tensor cores, 8 warps (two warpgroups), K/V loads pipelined 3 deep (at most 80 KB of shared memory):
@@ -119,4 +119,5 @@ def attention(qkv, num_heads, out):
         *tokens.stride(), *out_tokens.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreted,
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        enable_fp_fusion=FP_FUSION,
     )

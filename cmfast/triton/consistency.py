@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv
+from . import FP_FUSION, cdiv
 
 BLOCK = 1024  # elements per program: 8 per thread at 4 warps, two 16-byte packets of fp16 or fp32
 NUM_WARPS = 4  # memory-bound streaming; more warps add no bandwidth at this block size
@@ -70,7 +70,8 @@ def consistency_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, o
     if x.numel() == 0:
         return
     _epilogue_kernel[(blocks * x.shape[0],)](
-        x, model_output, sigma, out, n, blocks, sigma_data, sigma_min, CLAMP=clamp, BLOCK=BLOCK, num_warps=NUM_WARPS
+        x, model_output, sigma, out, n, blocks, sigma_data, sigma_min, CLAMP=clamp, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -79,5 +80,6 @@ def consistency_prologue(x, sigma, sigma_data, out, t_in):
     if x.shape[0] == 0:
         return
     _prologue_kernel[(max(blocks, 1) * x.shape[0],)](
-        x, sigma, out, t_in, n, max(blocks, 1), sigma_data, BLOCK=BLOCK, num_warps=NUM_WARPS
+        x, sigma, out, t_in, n, max(blocks, 1), sigma_data, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter
-from . import cdiv, next_power_of_2
+from . import FP_FUSION, cdiv, next_power_of_2
 
 BLOCK = 4096  # elements per tile: groups up to this size are normalised from registers, in one read
 ELEMENTS_PER_THREAD = 16  # num_warps = tile / (32 * this), 1 to 8: four 16-byte loads per thread in flight
@@ -220,6 +220,7 @@ def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
         _packed_kernel[(cdiv(pairs, pack),)](
             x, out, weight, bias, scale, shift, pairs, num_groups, cpg, S, *strides, eps, **flags,
             PAIRS=pack, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(pack * block_c * block_s),
+            enable_fp_fusion=FP_FUSION,
         )
         return
     # Few pairs of large groups: split each group's pixels into parts, none under MIN_SPLIT_ELEMENTS.
@@ -227,7 +228,7 @@ def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
     pixels_per_part = next_power_of_2(cdiv(S, parts))  # aligned parts, whole tiles
     parts = cdiv(S, pixels_per_part)  # none empty
     block_c, block_s = _tile_shape(cpg, pixels_per_part, channels_last)
-    tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s))
+    tile = dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_num_warps(block_c * block_s), enable_fp_fusion=FP_FUSION)
     workspace = None
     if parts > 1:
         workspace = torch.empty((pairs, parts, 3), dtype=torch.float32, device=x.device)
