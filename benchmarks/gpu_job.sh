@@ -2,9 +2,9 @@
 # The whole GPU job in one lent-machine call of under 10 minutes (an H100 or H200 of the device tool):
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
 #   importlib_metadata from carried wheels), build cmfast._C with its CUDA part in place, record `cmfast info`,
-#   nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in parallel processes), the
-#   ImageNet-64 U-Net and samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph
-#   replay beside them), the kernels at batch 1 and 64 with their torch.compile peers, the compiled U-Net/pipeline
+#   nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in parallel processes), where
+#   the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the ImageNet-64 U-Net and samplers in
+#   float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph replay beside them), the kernels at batch 1 and 64 with their torch.compile peers, the compiled U-Net/pipeline
 #   peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout) within one deadline; a failed
 #   or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it measured) and the job goes on.
 #   Everything lands in $OUT, at most 8 files (the device tool's limit):
@@ -124,6 +124,7 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
 read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
 step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
+step host-overhead 45 "$PY" -m benchmarks.host_overhead --device "$DEVICE"  # batch-1 calls: host issue time, profile
 if [[ $BATCHES != 0 ]]; then
   step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" \
     --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"

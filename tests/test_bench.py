@@ -125,3 +125,16 @@ def test_consistency_peers_are_the_op(gen):
     got_x, got_t = bench_consistency.eager_prologue(x, sigma)
     torch.testing.assert_close(got_x, x_in)
     torch.testing.assert_close(got_t, t_in)
+
+
+def test_host_overhead_times_every_provider_and_profiles(capsys):
+    from benchmarks import host_overhead
+
+    assert host_overhead.main(["--device", "cpu", "--calls", "3", "--profile-top", "3"]) == 0
+    out = capsys.readouterr().out
+    for case, (op, _, peers) in host_overhead.CASES.items():
+        rows = [line for line in out.splitlines() if line.startswith(case)]
+        providers = {line[len(case):].split()[0] for line in rows}
+        assert set(peers) <= providers and any(p.startswith("cmfast-") for p in providers)
+        assert all(float(line.split()[-1]) > 0 for line in rows)  # no provider failed
+    assert out.count("-- profile of cmfast-") == len(host_overhead.CASES)
