@@ -396,10 +396,7 @@ std::string group_norm_cuda_path(const at::Tensor& x, int64_t num_groups) {
   const GroupNormShape shape{xk.size(0), xk.size(1), xk.numel() / std::max<int64_t>(xk.size(0) * xk.size(1), 1),
                              num_groups, !xk.is_contiguous()};
   const GroupNormPlan plan = group_norm_cuda_plan(kernel_dtype(xk), shape, xk.const_data_ptr(), xk.const_data_ptr());
-  if (plan.vec == 0) return "unsupported";
-  if (plan.cluster) return "cluster";
-  if (plan.items > 0) return "fused";
-  return plan.shared_bytes > 0 ? "shared" : "two-stage";
+  return plan.kernel();
 }
 #endif
 

@@ -1,7 +1,9 @@
 // The Python module cmfast._C. Its tensor ops register themselves with the torch dispatcher
-// (TORCH_LIBRARY in each csrc/<op>.cpp); this file only tells Python how the library was built.
+// (TORCH_LIBRARY in each csrc/<op>.cpp); this file binds the eager entry points and tells Python how the library
+// was built and how its CUDA kernels plan a call.
 #include <torch/csrc/utils/pybind.h>
 
+#include "../kernels/group_norm_plan.h"
 #include "ops.h"
 
 #ifdef CMFAST_WITH_CUDA
@@ -20,6 +22,27 @@ PYBIND11_MODULE(_C, m) {
 #ifdef CMFAST_WITH_CUDA
   m.def("group_norm_cuda_path", &cmfast::group_norm_cuda_path, "which CUDA kernel group_norm runs for x");
 #endif
+  m.def(
+      "group_norm_cuda_plan",
+      [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, bool channels_last, int element_bytes,
+         int alignment, int sms, int shared_optin, int major, bool clusters) {
+        const cmfast::GroupNormLaunch plan = cmfast::plan_group_norm(
+            {batch, channels, spatial, groups, channels_last}, element_bytes, alignment, {sms, shared_optin, major},
+            clusters);
+        py::dict d;
+        d["kernel"] = plan.kernel();
+        d["vec"] = plan.vec;
+        d["items"] = plan.items;
+        d["splits"] = plan.splits;
+        d["shared_bytes"] = plan.shared_bytes;
+        d["workspace_floats"] = plan.workspace_floats;
+        return d;
+      },
+      "how the CUDA group_norm would run a shape on a device with these limits (kernels/group_norm_plan.h), in any "
+      "build",
+      py::arg("batch"), py::arg("channels"), py::arg("spatial"), py::arg("groups"), py::arg("channels_last"),
+      py::arg("element_bytes"), py::arg("alignment") = 16, py::arg("sms"), py::arg("shared_optin"), py::arg("major"),
+      py::arg("clusters") = true);
   m.def("build_info", [] {
     py::dict info;
     info["source_hash"] = CMFAST_STR(CMFAST_SOURCE_HASH);

@@ -26,15 +26,8 @@
 namespace cmfast {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace group_norm_tuning;  // the launch constants, shared with the plan (group_norm_plan.h)
 constexpr int kWarps = kThreads / 32;
-constexpr int kSmallItems = 4;    // fused kernel: packets per thread for groups up to 1024 packets
-constexpr int kLargeItems = 16;   // ... up to 4096 packets (16K fp32 / 32K fp16 elements; 64 data registers)
-constexpr int kSharedThreads = 1024;  // shared kernel: one block per SM (its shared memory), so the most threads
-constexpr int kSharedLoads = 4;       // ... and 4 packets in flight per thread: 64 KB a block
-constexpr int kMaxCluster = 8;    // cluster kernel: blocks per group at most (the portable cluster size)
-constexpr int kMaxSplits = 32;    // two-stage: blocks per group at most
-constexpr int kMinSplitPackets = 2 * kThreads;  // ... and at least two packets per thread in each
 
 struct Params {
   const void* x;
@@ -141,12 +134,6 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 // The packets [begin, end) of split s.
-__device__ __forceinline__ void split_range(const Params& p, int s, uint32_t& begin, uint32_t& end) {
-  const uint32_t chunk = (p.packets + p.splits - 1) / p.splits;
-  begin = min(p.packets, uint32_t(s) * chunk);  // s * chunk < packets + splits < 2^32 (packets < 2^31)
-  end = min(p.packets, begin + chunk);
-}
-
 // This block's packets [begin, end) of group bg, held in registers: their sum, the group mean, their squared
 // deviations from it, then normalised and written. `group_total(v, slot)` turns the block's total v (slot 0: of
 // the values, 1: of the squared deviations) into the group's: the identity when the block has the whole group.
@@ -273,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1) group_norm_cluster_kernel(Params 
     return sum;
   };
   uint32_t begin, end;
-  split_range(p, int(cluster.block_rank()), begin, end);
+  split_range(p.packets, splits, int(cluster.block_rank()), begin, end);
   normalise_held<T, VEC, CL, ITEMS>(p, blockIdx.x / splits, begin, end, group_total);
 #endif
 }
@@ -303,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_stats_kernel(Params p) {
   const GroupLayout<VEC, CL> layout(p, bg);
   const T* x = static_cast<const T*>(p.x);
   uint32_t begin, end;
-  split_range(p, blockIdx.y, begin, end);
+  split_range(p.packets, p.splits, int(blockIdx.y), begin, end);
   Moments m{0.0f, 0.0f, 0.0f};
   for (uint32_t q = begin + threadIdx.x; q < end; q += kThreads) {
     int64_t offset, channel;
@@ -355,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(Params p) {
   T* out = static_cast<T*>(p.out);
   const int64_t b = bg / p.groups;
   uint32_t begin, end;
-  split_range(p, blockIdx.y, begin, end);
+  split_range(p.packets, p.splits, int(blockIdx.y), begin, end);
   for (uint32_t q = begin + threadIdx.x; q < end; q += kThreads) {
     int64_t offset, channel;
     layout.locate(p, q, offset, channel);
@@ -402,16 +389,16 @@ cudaError_t launch_vec(const GroupNormPlan& plan, const Params& p, int64_t group
 
 int dtype_bytes(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+// The largest power of two up to 16 that divides both addresses.
+int common_alignment(const void* x, const void* out) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out);
+  int alignment = 16;
+  while (alignment > 1 && bits % alignment != 0) alignment /= 2;
+  return alignment;
+}
 
-// What the plan needs of the current device, read once per device and thread (attribute queries are driver
-// calls, and a batch-1 call is all host time); estimates when they cannot be read.
-struct DeviceLimits {
-  int sms = 108;
-  int shared_optin = 48 * 1024;  // dynamic shared memory a block may opt in to
-  int major = 8;                 // compute capability: clusters from 9
-};
-
+// The current device's limits, read once per device and thread (attribute queries are driver calls, and a batch-1
+// call is all host time); the estimates of DeviceLimits when they cannot be read.
 DeviceLimits device_limits() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
@@ -452,49 +439,10 @@ bool clusters_enabled() {
 }  // namespace
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out) {
-  GroupNormPlan plan{dtype, 0, 0, 1, 0, 0, false};
-  if (shape.groups <= 0 || shape.channels % shape.groups != 0) return plan;
-  const int64_t group_channels = shape.channels / shape.groups;
-  const int64_t n = group_channels * shape.spatial;
-  const int64_t groups_total = shape.batch * shape.groups;
-  if (n <= 0 || n > INT32_MAX || groups_total <= 0 || groups_total > INT32_MAX) return plan;
-  // VEC: the widest packet that stays inside a run and is aligned; only these three are compiled.
-  const int bytes = dtype_bytes(dtype);
-  const int64_t run = shape.channels_last ? group_channels : shape.spatial;
-  for (int vec : {16 / bytes, 2, 1}) {
-    if (run % vec == 0 && aligned(x, vec * bytes) && aligned(out, vec * bytes)) {
-      plan.vec = vec;
-      break;
-    }
-  }
-  const int64_t packets = n / plan.vec;
-  // Blocks per group: enough for two blocks per SM, when the groups alone are too few.
-  const DeviceLimits limits = device_limits();
-  const int sms = limits.sms;
-  const int64_t wanted = 2 * groups_total >= sms ? 1 : (2 * int64_t(sms) + groups_total - 1) / groups_total;
-  plan.splits = int(std::max<int64_t>(1, std::min<int64_t>({wanted, kMaxSplits, packets / kMinSplitPackets})));
-  // One block per group reads it once, when it fits in registers.
-  if (plan.splits == 1 && packets <= int64_t(kThreads) * kLargeItems) {
-    plan.items = packets <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
-    return plan;
-  }
-  // Too few groups, on sm_90+: a cluster per group, when its share fits each block's registers.
-  if (plan.splits > 1 && limits.major >= 9 && clusters_enabled()) {
-    const int blocks = std::min(plan.splits, kMaxCluster);
-    const int64_t share = (packets + blocks - 1) / blocks;
-    if (share <= int64_t(kThreads) * kLargeItems) {
-      plan.splits = blocks;
-      plan.cluster = true;
-      plan.items = share <= int64_t(kThreads) * kSmallItems ? kSmallItems : kLargeItems;
-      return plan;
-    }
-  }
-  // Else in shared memory, when a block may have that much (block_sum's few floats come on top of it).
-  if (plan.splits == 1 && n * bytes <= limits.shared_optin - 1024) {
-    plan.shared_bytes = n * bytes;
-    return plan;
-  }
-  plan.workspace_floats = groups_total * plan.splits * 3;
+  GroupNormPlan plan;
+  static_cast<GroupNormLaunch&>(plan) =
+      plan_group_norm(shape, dtype_bytes(dtype), common_alignment(x, out), device_limits(), clusters_enabled());
+  plan.dtype = dtype;
   return plan;
 }
 

@@ -7,30 +7,15 @@
 #include <cuda_runtime.h>
 
 #include "dtypes.cuh"
+#include "group_norm_plan.h"
 
 namespace cmfast {
 
-struct GroupNormShape {
-  int64_t batch;
-  int64_t channels;
-  int64_t spatial;  // product of the spatial sizes (1 when there are none)
-  int64_t groups;
-  bool channels_last;
-};
-
-// How a call runs: one block per group that keeps the group in registers (items > 0) or in shared memory
-// (shared_bytes > 0), a cluster of `splits` blocks per group that keep it in registers (cluster, items > 0), or
-// `splits` blocks per group in two stages (partial statistics to `workspace`, then normalise). Depends on the
-// shape, the pointers' alignment and the current device (SM count, shared memory, compute capability); the caller
-// allocates workspace_floats fp32 on the device.
-struct GroupNormPlan {
-  DType dtype;
-  int vec;    // elements per load/store (16 bytes when the layout and pointers allow); 0: shape not supported
-  int items;  // packets each thread keeps in registers (single-pass kernel), or 0
-  int splits;
-  int64_t workspace_floats;
-  int64_t shared_bytes;  // the shared-memory kernel's dynamic shared memory, or 0
-  bool cluster;          // the cluster kernel (sm_90+)
+// The launch plan (kernels/group_norm_plan.h) for x's dtype on the current device: it depends on the shape, the
+// pointers' alignment and the device (SM count, shared memory, compute capability); the caller allocates
+// workspace_floats fp32 on the device.
+struct GroupNormPlan : GroupNormLaunch {
+  DType dtype = DType::f32;
 };
 
 GroupNormPlan group_norm_cuda_plan(DType dtype, const GroupNormShape& shape, const void* x, const void* out);
