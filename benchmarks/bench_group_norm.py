@@ -4,7 +4,8 @@ U-Net's widths and resolutions (C in 192..768, H = W in 64..8).
 Providers, same inputs, one run: each cmfast backend of `group_norm` that runs on the device; torch eager, the
 reference's composite (F.group_norm in fp32, cast back, scale/shift and SiLU in the storage dtype, as the
 reference's fp16 mode does); torch.compile of that composite. Memory bound: GB/s counts x read once and y written
-once (plus the per-channel vectors), the fewest bytes the op must move.
+once (plus the per-channel vectors), the fewest bytes the op must move. At the largest batch of the run the
+shapes come again in channels_last (shape label "... nhwc", the channels_last U-Net's layout; no compiled peer).
 usage: python -m benchmarks.bench_group_norm [runner options] (see python -m benchmarks --help)
 """
 
@@ -47,25 +48,32 @@ def run(session) -> None:
     found = session.kernel_providers("group_norm", cmfast_group_norm, eager)
     for dtype in session.dtypes:
         for batch in session.batches:
-            for channels, side in QUICK_SHAPES if session.quick else SHAPES:
-                shape = (batch, channels, side, side)
-                nbytes = 2 * batch * channels * side * side * dtype.itemsize + 2 * batch * channels * dtype.itemsize
+            # channels_last too at the largest batch (the layout of the channels_last U-Net), without the compiled peer
+            for channels_last in (False, True) if batch == max(session.batches) else (False,):
+                for channels, side in QUICK_SHAPES if session.quick else SHAPES:
+                    measure(session, found, default, dtype, (batch, channels, side, side), channels_last)
 
-                def make():
-                    return (torch.randn(shape, device=device).to(dtype),
-                            1 + 0.1 * torch.randn(channels, device=device), 0.1 * torch.randn(channels, device=device),
-                            (0.1 * torch.randn(batch, channels, device=device)).to(dtype),
-                            (0.1 * torch.randn(batch, channels, device=device)).to(dtype))
 
-                sets = session.rotated(make, nbytes)
-                for name, fn in found.items():
-                    note = "; ".join(filter(None, ("default backend" if name == f"cmfast-{default}" else "",
-                                                   cuda_path(sets[0][0]) if name == "cmfast-cuda" else "")))
-                    session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets],
-                                   shape="x".join(map(str, shape)), dtype=dtype, batch=batch,
-                                   timing=session.kernel_timing, nbytes=nbytes, note=note)
-                del sets
+def measure(session, found, default, dtype, shape, channels_last) -> None:
+    device, (batch, channels) = session.device, shape[:2]
+    nbytes = 2 * batch * channels * shape[2] * shape[3] * dtype.itemsize + 2 * batch * channels * dtype.itemsize
+    layout = torch.channels_last if channels_last else torch.contiguous_format
 
+    def make():
+        return (torch.randn(shape, device=device).to(dtype).contiguous(memory_format=layout),
+                1 + 0.1 * torch.randn(channels, device=device), 0.1 * torch.randn(channels, device=device),
+                (0.1 * torch.randn(batch, channels, device=device)).to(dtype),
+                (0.1 * torch.randn(batch, channels, device=device)).to(dtype))
+
+    sets = session.rotated(make, nbytes)
+    for name, fn in found.items():
+        if channels_last and name == "torch-compile":
+            continue
+        note = "; ".join(filter(None, ("default backend" if name == f"cmfast-{default}" else "",
+                                       cuda_path(sets[0][0]) if name == "cmfast-cuda" else "")))
+        session.record(NAME, name, [lambda fn=fn, s=s: fn(*s) for s in sets],
+                       shape="x".join(map(str, shape)) + (" nhwc" if channels_last else ""), dtype=dtype,
+                       batch=batch, timing=session.kernel_timing, nbytes=nbytes, note=note)
 
 if __name__ == "__main__":
     from .run import main
