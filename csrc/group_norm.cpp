@@ -37,7 +37,8 @@
 namespace cmfast {
 namespace {
 
-constexpr int64_t kGrain = 1 << 15;       // channels_last: elements per parallel task (two passes, two forks)
+constexpr int64_t kGrain = 1 << 14;       // channels_last: elements per thread at least (two passes, two forks)
+constexpr int64_t kWaveBytes = 1 << 20;   // channels_last: samples per wave, in bytes of x: x and out in the caches
 constexpr int64_t kGroupGrain = 1 << 13;  // contiguous: elements per task (one pass: 2 threads pay from ~16K)
 constexpr int64_t kBlock = 4096;     // contiguous: elements per statistics block (16 KB fp32, read twice from L1)
 constexpr int64_t kTile = 8192;      // channels_last: elements per statistics tile (whole pixels, read twice)
@@ -199,14 +200,20 @@ CMFAST_CLONES void affine_channels(const T* __restrict__ x, T* __restrict__ out,
   }
 }
 
-// out[p, c] = epilogue((x[p, c] - mean[c]) * a[c] + d[c]) over rows of C channels (channels_last).
+// out[p, c] = epilogue((x[p, c] - mean[c]) * a[c] + d[c]) over rows of C channels (channels_last). Row by row it
+// prefetches as many rows from `next` (or nothing when null): the next wave's statistics pass then reads from cache.
 template <typename T, bool SILU>
 CMFAST_CLONES void affine_rows(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t C,
                                const float* __restrict__ mean, const float* __restrict__ a,
-                               const float* __restrict__ d) {
-  for (int64_t p = 0; p < rows; ++p)
+                               const float* __restrict__ d, const T* next) {
+  for (int64_t p = 0; p < rows; ++p) {
+    if (next != nullptr) {
+      const char* line = reinterpret_cast<const char*>(next + p * C);
+      for (int64_t b = 0; b < C * int64_t(sizeof(T)); b += 64) __builtin_prefetch(line + b);
+    }
     for (int64_t c = 0; c < C; ++c)
       out[p * C + c] = from_f32<T>(epilogue<SILU>((to_f32(x[p * C + c]) - mean[c]) * a[c] + d[c]));
+  }
 }
 
 // The sum of a group's few per-channel sums.
@@ -264,60 +271,78 @@ void group_norm_nchw(const T* x, T* out, const Problem& p) {
 }
 
 // Channels_last (batch, H*W, C): a group's channels are strided by C, so every pass reads whole pixels and keeps
-// per-channel sums. Statistics: one task per chunk of pixels (all groups), tile by tile; the chunks' Moments are
-// merged per (sample, group) into per-channel coefficients; then a second parallel pass normalises.
+// per-channel sums. Samples go in waves that fit the caches (kWaveBytes; at least one sample). A wave's pixels are
+// cut into one run per thread: each run's statistics, tile by tile, per (sample, group), the next tile prefetched;
+// the runs' Moments merged into per-channel coefficients; then each run normalised by the thread that read it (the
+// same run index: parallel_for over `runs` <= threads gives thread t run t in both passes) while it prefetches its
+// run of the next wave. So the data comes from DRAM once, and the next wave's reads overlap this one's arithmetic.
 template <typename T>
 void group_norm_nhwc(const T* x, T* out, const Problem& p) {
   const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.spatial;
-  const int64_t tile = std::max<int64_t>(1, kTile / C);                  // pixels per statistics tile
-  const int64_t chunk = std::max<int64_t>(1, kGrain / C / tile) * tile;  // pixels per task
-  const int64_t chunks = (hw + chunk - 1) / chunk;
-  std::vector<Moments> parts(p.batch * chunks * G, Moments{0.0f, 0.0f, 0.0f});
-  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(3 * C);  // per channel: sums, its group's tile mean, squared deviations
-    float *sums = scratch.data(), *means = sums + C, *sq = means + C;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / chunks, stop = std::min(hw, (t % chunks + 1) * chunk);
-      Moments* m = &parts[t * G];
-      for (int64_t q = t % chunks * chunk; q < stop; q += tile) {
-        const int64_t rows = std::min(tile, stop - q);
-        const T* xt = x + (b * hw + q) * C;
-        const float count = static_cast<float>(rows * cg);
-        std::fill(sums, sums + C, 0.0f);
-        std::fill(sq, sq + C, 0.0f);
-        column_sums(xt, rows, C, sums);
-        for (int64_t g = 0; g < G; ++g) {
-          std::fill(means + g * cg, means + (g + 1) * cg, total(sums + g * cg, cg) / count);
-        }
-        column_squared_deviations(xt, rows, C, means, sq);
-        for (int64_t g = 0; g < G; ++g) m[g] = merge(m[g], {count, means[g * cg], total(sq + g * cg, cg)});
-      }
-    }
-  });
-
-  std::vector<float> coef(3 * p.batch * C);  // per (sample, channel): its group's mean, a, d
-  float *mean = coef.data(), *a = mean + p.batch * C, *d = a + p.batch * C;
-  for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      Moments m{0.0f, 0.0f, 0.0f};
-      for (int64_t k = 0; k < chunks; ++k) m = merge(m, parts[(b * chunks + k) * G + g]);
-      const float rstd = inv_std(m, p.eps);
-      for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-        const Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, c, b * C + c);
-        mean[b * C + c] = m.mean;
-        a[b * C + c] = f.a;
-        d[b * C + c] = f.d;
-      }
-    }
-
+  const int64_t tile = std::max<int64_t>(1, kTile / C);  // pixels per statistics tile
+  const int64_t wave = std::clamp<int64_t>(kWaveBytes / (hw * C * int64_t(sizeof(T))), 1, p.batch);  // samples
+  const int64_t threads = at::get_num_threads();
+  std::vector<Moments> parts(threads * wave * G);  // per (run, sample of the wave, group)
+  std::vector<float> coef(3 * wave * C);           // per (sample of the wave, channel): its group's mean, a, d
+  float *mean = coef.data(), *a = mean + wave * C, *d = a + wave * C;
   auto affine = p.silu ? affine_rows<T, true> : affine_rows<T, false>;
-  at::parallel_for(0, p.batch * hw, std::max<int64_t>(1, kGrain / C), [&](int64_t begin, int64_t end) {
-    while (begin < end) {  // rows of one sample at a time: its coefficients
-      const int64_t b = begin / hw, stop = std::min(end, (b + 1) * hw);
-      affine(x + begin * C, out + begin * C, stop - begin, C, mean + b * C, a + b * C, d + b * C);
-      begin = stop;
-    }
-  });
+  for (int64_t b0 = 0; b0 < p.batch; b0 += wave) {
+    const int64_t samples = std::min(wave, p.batch - b0), rows = samples * hw;
+    const int64_t next_rows = std::min(wave, p.batch - b0 - samples) * hw;  // the next wave's
+    const int64_t run = std::max((rows + threads - 1) / threads, (kGrain + C - 1) / C);  // rows a run
+    const int64_t runs = (rows + run - 1) / run;
+    const T* xw = x + b0 * hw * C;
+    T* ow = out + b0 * hw * C;
+    std::fill(parts.begin(), parts.end(), Moments{0.0f, 0.0f, 0.0f});
+    at::parallel_for(0, runs, 1, [&](int64_t first, int64_t last) {
+      std::vector<float> scratch(3 * C);  // per channel: sums, its group's tile mean, squared deviations
+      float *sums = scratch.data(), *means = sums + C, *sq = means + C;
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t end = std::min(rows, (r + 1) * run);
+        for (int64_t q = r * run; q < end;) {
+          const int64_t s = q / hw, n = std::min({tile, end - q, (s + 1) * hw - q});  // one sample's pixels
+          const T* xt = xw + q * C;
+          const char* ahead = reinterpret_cast<const char*>(xt + n * C);  // the run's next tile
+          for (int64_t b = 0; b < std::min(tile, end - q - n) * C * int64_t(sizeof(T)); b += 64) {
+            __builtin_prefetch(ahead + b);
+          }
+          const float count = static_cast<float>(n * cg);
+          std::fill(sums, sums + C, 0.0f);
+          std::fill(sq, sq + C, 0.0f);
+          column_sums(xt, n, C, sums);
+          for (int64_t g = 0; g < G; ++g) {
+            std::fill(means + g * cg, means + (g + 1) * cg, total(sums + g * cg, cg) / count);
+          }
+          column_squared_deviations(xt, n, C, means, sq);
+          Moments* m = &parts[(r * wave + s) * G];
+          for (int64_t g = 0; g < G; ++g) m[g] = merge(m[g], {count, means[g * cg], total(sq + g * cg, cg)});
+          q += n;
+        }
+      }
+    });
+    for (int64_t s = 0; s < samples; ++s)
+      for (int64_t g = 0; g < G; ++g) {
+        Moments m{0.0f, 0.0f, 0.0f};
+        for (int64_t r = 0; r < runs; ++r) m = merge(m, parts[(r * wave + s) * G + g]);
+        const float rstd = inv_std(m, p.eps);
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+          const Affine f = channel_affine(rstd, p.weight, p.bias, p.scale, p.shift, c, (b0 + s) * C + c);
+          mean[s * C + c] = m.mean;
+          a[s * C + c] = f.a;
+          d[s * C + c] = f.d;
+        }
+      }
+    at::parallel_for(0, runs, 1, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        for (int64_t q = r * run, end = std::min(rows, (r + 1) * run); q < end;) {  // a sample at a time
+          const int64_t s = q / hw, stop = std::min(end, (s + 1) * hw);
+          affine(xw + q * C, ow + q * C, stop - q, C, mean + s * C, a + s * C, d + s * C,
+                 stop <= next_rows ? xw + (rows + q) * C : nullptr);
+          q = stop;
+        }
+      }
+    });
+  }
 }
 
 // ---- the op -----------------------------------------------------------------------------------------------

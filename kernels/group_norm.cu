@@ -15,7 +15,6 @@
 //                      them (in the same order: identical statistics) and normalise their slice.
 #include <cooperative_groups.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -133,7 +132,6 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
-// The packets [begin, end) of split s.
 // This block's packets [begin, end) of group bg, held in registers: their sum, the group mean, their squared
 // deviations from it, then normalised and written. `group_total(v, slot)` turns the block's total v (slot 0: of
 // the values, 1: of the squared deviations) into the group's: the identity when the block has the whole group.

@@ -17,7 +17,8 @@ G = importlib.import_module("cmfast.ops.group_norm")  # the module; cmfast.ops.g
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch, C, H, W): the ADM widths and resolutions, then the edge cases.
 REAL = [(2, 192, 64, 64), (2, 384, 32, 32), (1, 576, 16, 16), (4, 768, 8, 8), (1, 768, 32, 32)]
-EDGE = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (1, 32, 3, 3), (2, 160, 16, 16)]  # C/32 = 2, 3, 3, 1, 5
+EDGE = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (1, 32, 3, 3), (2, 160, 16, 16),  # C/32 = 2, 3, 3, 1, 5
+        (1, 64, 20, 20)]  # channels_last: 400 pixels in two runs of the CPU kernel
 INTERPRETER = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (2, 192, 4, 4)]
 # GPU only: enough groups for one block each, each too large for the CUDA fused kernel's registers: the
 # shared-memory kernel (fp16 and fp32, 16-byte and 1-element packets), or the two-stage one where it does not fit;
