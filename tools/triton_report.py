@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 if __name__ == "__main__":  # before triton is imported: compiled kernels, not interpreted ones
     os.environ.pop("TRITON_INTERPRET", None)
@@ -65,7 +66,7 @@ class Launch:
     examples: list = field(default_factory=list)
 
 
-def mock(value):
+def as_mock(value):
     return MockTensor(value.dtype) if isinstance(value, torch.Tensor) else value
 
 
@@ -96,11 +97,8 @@ def op_calls(config, batch: int, channels_last: bool, dtype: torch.dtype) -> lis
         x = torch.empty(batch, config.in_channels, config.image_size, config.image_size)
         labels = torch.zeros(batch, dtype=torch.long) if config.num_classes else None
         t = torch.zeros(batch)
-    saved, unet_module.ops = unet_module.ops, Recorder
-    try:
+    with mock.patch.object(unet_module, "ops", Recorder):
         model(x, t, labels)
-    finally:
-        unet_module.ops = saved
     return calls
 
 
@@ -142,7 +140,7 @@ def launches_for(target: Target, calls) -> dict[tuple, Launch]:
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 
         def run(*args, grid, warmup, **kwargs):
-            args, kwargs = [mock(a) for a in args], {k: mock(v) for k, v in kwargs.items()}
+            args, kwargs = [as_mock(a) for a in args], {k: as_mock(v) for k, v in kwargs.items()}
             bound, specialization, options = binder(*args, **kwargs)
             key = (kernel.fn.__name__, str(specialization), str(options))
             launch = launches.setdefault(key, Launch(kernel, args, kwargs))
@@ -150,15 +148,13 @@ def launches_for(target: Target, calls) -> dict[tuple, Launch]:
 
         return run
 
-    saved = []
-    for module in modules:
-        saved.append((module, "_sm_count", getattr(module, "_sm_count", None)))
-        module._sm_count = lambda device: target.sms
-        for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and name.endswith("_kernel"):
-                saved.append((value, "run", None))
-                value.run = recorder(value)
-    try:
+    with contextlib.ExitStack() as patches:
+        for module in modules:
+            if hasattr(module, "_sm_count"):
+                patches.enter_context(mock.patch.object(module, "_sm_count", lambda device: target.sms))
+            for name, value in vars(module).items():
+                if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                    patches.enter_context(mock.patch.object(value, "run", recorder(value)))
         for op, args, description in calls:
             current[0] = description
             if op == "group_norm":
@@ -174,12 +170,6 @@ def launches_for(target: Target, calls) -> dict[tuple, Launch]:
                 sigma = torch.empty(x.shape[0], device="meta")
                 consistency.consistency_epilogue(x, x, sigma, 0.5, 0.002, True, torch.empty_like(x))
                 consistency.consistency_prologue(x, sigma, 0.5, torch.empty_like(x), torch.empty_like(sigma))
-    finally:
-        for owner, name, value in reversed(saved):
-            if value is None and name == "run":
-                del owner.run  # back to the class's method
-            else:
-                setattr(owner, name, value)
     return launches
 
 
