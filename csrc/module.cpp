@@ -19,6 +19,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cmfast compiled kernels (CPU, and CUDA when built with it)";
   m.def("group_norm", &cmfast::group_norm, "the group_norm op's eager call: layout, output, kernel",
         py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
+  m.def("transpose_last2", &cmfast::transpose_last2, "out[n, k, r] = src[n, r, k] (CPU, contiguous (N, R, K) -> (N, K, R))",
+        py::arg("src"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
 #ifdef CMFAST_WITH_CUDA
   m.def("group_norm_cuda_path", &cmfast::group_norm_cuda_path, "which CUDA kernel group_norm runs for x");
 #endif

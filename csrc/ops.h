@@ -12,6 +12,10 @@ at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu);
 
+// out[n, k, r] = src[n, r, k] for contiguous CPU tensors src (N, R, K) and out (N, K, R) (csrc/attention.cpp): the
+// attention op's transposes around SDPA in the NCHW layout.
+void transpose_last2(const at::Tensor& src, const at::Tensor& out);
+
 #ifdef CMFAST_WITH_CUDA
 // Which CUDA kernel group_norm would run for x on its device: fused, shared, cluster, two-stage (for tests and
 // for reading benchmarks).
