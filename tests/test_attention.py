@@ -104,3 +104,18 @@ def test_bad_input(call, message, gen):
     qkv, _ = make((1, 128, 2, 2, 2), torch.float32, "cpu", gen)
     with pytest.raises((ValueError, TypeError), match=message):
         call(qkv)
+
+
+@pytest.mark.skipif(not cmfast.extension.cpu, reason=cmfast.extension.reason or "no cmfast._C")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cpu_tile_transpose(dtype, gen):
+    """cmfast._C.transpose_last2, which the CPU torch backend uses around SDPA in NCHW: tiles cut at odd sizes too."""
+    from cmfast._extension import compiled
+
+    for shape in [(5, 33, 70), (1, 1, 1), (2, 64, 1024), (3, 1024, 32)]:
+        src = torch.randn(shape, generator=gen).to(dtype)
+        out = torch.full((shape[0], shape[2], shape[1]), float("nan"), dtype=dtype)
+        compiled.transpose_last2(src, out)
+        assert torch.equal(out, src.transpose(1, 2))
+    with pytest.raises(RuntimeError, match="expected a contiguous"):
+        compiled.transpose_last2(torch.zeros(2, 3, 4, dtype=dtype), torch.zeros(2, 3, 4, dtype=dtype))
