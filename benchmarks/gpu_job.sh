@@ -3,9 +3,10 @@
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
 #   importlib_metadata from carried wheels), build cmfast._C with its CUDA part in place, record `cmfast info`,
 #   nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in parallel processes), where
-#   the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the ImageNet-64 U-Net and samplers in
-#   float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph replay beside them), the kernels at batch 1 and 64 with their torch.compile peers, the compiled U-Net/pipeline
-#   peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout) within one deadline; a failed
+#   the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the kernels at batch 1 and 64 with
+#   their torch.compile peers (and group_norm at batch 1 with the cluster kernel off), the ImageNet-64 U-Net and
+#   samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph replay beside them),
+#   the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout) within one deadline; a failed
 #   or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it measured) and the job goes on.
 #   Everything lands in $OUT, at most 8 files (the device tool's limit):
 #     gpu-job.tar.gz (all logs, CSVs, PNGs, cmfast-info.txt, nvidia-smi-q.txt, pip-list.txt), the CSVs,
@@ -114,9 +115,9 @@ step info 60 "$PY" -m cmfast info
 cp "$WORK/logs/info.log" "$WORK/cmfast-info.txt"
 
 # 3. in order of worth, each step time-boxed: the GPU tests (what a lent GPU is for; in parallel processes when
-#    pytest-xdist is there: Triton compiles each kernel variant once per process), the U-Net and samplers in both
-#    half types at every batch, the kernels at batch 1 and 64 (the issue's targets) in both, then the compiled
-#    U-Net/pipeline peers (minutes of cold compile) at one batch.
+#    pytest-xdist is there: Triton compiles each kernel variant once per process), the kernels at batch 1 and 64
+#    (issue 5's targets) in both half types and group_norm's cluster A/B, the U-Net and samplers in both at every
+#    batch, then the compiled U-Net/pipeline peers (minutes of cold compile) at one batch.
 export CMFAST_TEST_SEED=${CMFAST_TEST_SEED:-$((RANDOM * 32768 + RANDOM))}
 echo "test seed: CMFAST_TEST_SEED=$CMFAST_TEST_SEED"
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
@@ -125,13 +126,20 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
 step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
 step host-overhead 45 "$PY" -m benchmarks.host_overhead --device "$DEVICE"  # batch-1 calls: host issue time, profile
+read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
+step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
+  --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
+# group_norm at batch 1 again with the sm_90 cluster kernel off (the two-stage kernels instead): their A/B, in
+# <device>-<date>-cluster-off.csv
+step bench-no-cluster 40 env CMFAST_GROUP_NORM_CLUSTER=0 "$PY" -m cmfast bench group_norm --device "$DEVICE" \
+  --dtypes "${DTYPES%%,*}" --batches 1 --no-compile --out "$WORK/no-cluster" "${BENCH_ARGS[@]}"
+for csv in "$WORK"/no-cluster/*.csv; do
+  [[ -f $csv ]] && cp "$csv" "$WORK/results/$(basename "$csv" .csv)-cluster-off.csv"
+done
 if [[ $BATCHES != 0 ]]; then
   step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" \
     --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
 fi
-read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
-step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
-  --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
 if [[ $COMPILE_BATCH != 0 ]]; then
   step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
     --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" --out "$WORK/results" "${BENCH_ARGS[@]}"
