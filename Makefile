@@ -9,6 +9,8 @@
 #   make cuda-link   build the CUDA part of cmfast._C against a CUDA build of torch (no GPU needed)
 #   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
 #   make ci          all of the above (what .ci/run does)
+#   make gpu-prebuild cmfast._C for the lent GPU machines' image (Python 3.12, torch 2.11.0+cu130, sm_90a) into
+#                    .gpu-build/, which benchmarks/gpu_job.sh loads there instead of building (not part of ci)
 PYTHON ?= python3
 CACHE ?= $(HOME)/.cache/cmfast
 VENV ?= $(CACHE)/venv-cpu
@@ -18,9 +20,11 @@ TORCH ?= torch==2.13.0
 CUDA_TORCH ?= torch==2.11.0
 CUDA_VENV ?= $(CACHE)/venv-cuda-2.11
 CUDA_HOME ?= /usr/local/cuda
+GPU_IMAGE_PYTHON ?= python3.12
+GPU_IMAGE_VENV ?= $(CACHE)/venv-gpu-image
 PY := $(VENV)/bin/python
 
-.PHONY: build test run cuda-check triton-check cuda-link wheel-smoke ci digits-model
+.PHONY: build test run cuda-check triton-check cuda-link wheel-smoke ci gpu-prebuild digits-model
 
 # The CPU build of torch is pinned first: a bare "torch" requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: requirements-dev.txt
@@ -58,6 +62,16 @@ $(CUDA_VENV)/.installed:
 
 cuda-link: $(CUDA_VENV)/.installed
 	CUDA_HOME=$(CUDA_HOME) tools/cuda_link_check.sh $(CUDA_VENV)/bin/python
+
+# The same torch as CUDA_VENV, on the GPU image's Python.
+$(GPU_IMAGE_VENV)/.installed:
+	$(GPU_IMAGE_PYTHON) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_IMAGE_VENV)/bin/pip install -q "$(CUDA_TORCH)" numpy ninja "setuptools>=77" wheel
+	touch $@
+
+gpu-prebuild: $(GPU_IMAGE_VENV)/.installed
+	PREBUILD_PYTHON=$(GPU_IMAGE_VENV)/bin/python CUDA_HOME=$(CUDA_HOME) bash benchmarks/gpu_job.sh --prebuild
 
 wheel-smoke: $(VENV)/.installed
 	tools/wheel_smoke.sh $(PY) "$(TORCH)"

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The whole GPU job in one lent-machine call of under 10 minutes (an H100 or H200 of the device tool):
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
-#   importlib_metadata from carried wheels), build cmfast._C with its CUDA part in place, record `cmfast info`,
-#   nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in parallel processes), where
-#   the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the kernels at batch 1 and 64 with
-#   their torch.compile peers (and group_norm at batch 1 with the cluster kernel off), the ImageNet-64 U-Net and
+#   importlib_metadata from carried wheels), load the prebuilt cmfast._C or build it with its CUDA part in place,
+#   record `cmfast info`, nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in
+#   parallel processes), where the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the
+#   kernels at batch 1 and 64 with their torch.compile peers (and group_norm at batch 1 with the cluster kernel off), the ImageNet-64 U-Net and
 #   samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph replay beside them),
-#   the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout) within one deadline; a failed
-#   or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it measured) and the job goes on.
+#   the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout)
+#   within one deadline; a failed or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it
+#   measured) and the job goes on.
 #   Everything lands in $OUT, at most 8 files (the device tool's limit):
 #     gpu-job.tar.gz (all logs, CSVs, PNGs, cmfast-info.txt, nvidia-smi-q.txt, pip-list.txt), the CSVs,
 #     summary.md, steps.tsv, job.log.
 #
 # Here, once (pip needs the network, the GPU machine has none):  bash benchmarks/gpu_job.sh --fetch-wheels
-# Then, through the device tool:  run(command="bash benchmarks/gpu_job.sh", carry=[".whl"], timeout_s=600)
+# Here, after the last change to csrc/ or kernels/:  make gpu-prebuild  (cmfast._C for the GPU image: Python 3.12,
+#   torch 2.11.0+cu130, sm_90a, into .gpu-build/; 54 s on 2 cores here; the job loads it instead of building there;
+#   a stale or mismatched one is noticed there and the job builds as before)
+# Then, through the device tool:  run(command="bash benchmarks/gpu_job.sh", carry=[".whl", ".gpu-build"],
+#   timeout_s=600)
 # Without a device tool, from a checkout on a GPU machine:         OUT=/some/dir bash benchmarks/gpu_job.sh
 # Knobs: CMFAST_JOB_SECONDS (deadline of the whole job, default 560), PYTHON (default python3),
 #        TORCH_CUDA_ARCH_LIST (default: this GPU's arch), MAX_JOBS (default: the core count), CMFAST_JOB_MODELS
@@ -37,6 +42,16 @@ if [[ ${1:-} == --fetch-wheels ]]; then
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${DIFFUSERS_WHEELS[@]}"
   ls -l .whl
+  exit
+fi
+if [[ ${1:-} == --prebuild ]]; then  # PREBUILD_PYTHON: a python like the GPU image's (make gpu-prebuild makes one)
+  PREBUILD_PY=${PREBUILD_PYTHON:-$HOME/.cache/cmfast/venv-gpu-image/bin/python}
+  CUDA_LINK_OUT=$ROOT/build/gpu-image TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
+    tools/cuda_link_check.sh "$PREBUILD_PY" || exit 1
+  mkdir -p .gpu-build
+  grep -qx '/.gpu-build/' .git/info/exclude 2>/dev/null || echo '/.gpu-build/' >> .git/info/exclude
+  rm -f .gpu-build/_C*.so
+  cp build/gpu-image/lib/cmfast/_C*.so .gpu-build/ && ls -l .gpu-build
   exit
 fi
 if [[ $# -gt 0 ]]; then
@@ -109,8 +124,30 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gp
 "$PY" -c 'import diffusers, matplotlib; print("diffusers", diffusers.__version__, "matplotlib", matplotlib.__version__)' ||
   echo "diffusers or matplotlib missing: the diffusers peers or the plots are left out (carry .whl, see the header)"
 
-# 2. the CUDA extension, in place (cmfast/_C.cpython-3xx-*.so beside the sources)
-step build 240 env CMFAST_CUDA=1 "$PY" setup.py build_ext --inplace
+# 2. the CUDA extension, in place (cmfast/_C.cpython-3xx-*.so beside the sources): the one prebuilt for this image
+#    (.gpu-build/) when it loads here with its CUDA kernels, for these sources and this GPU's arch; else built here
+SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+PREBUILT=0
+if [[ -f .gpu-build/_C$SUFFIX ]]; then
+  cp ".gpu-build/_C$SUFFIX" cmfast/
+  if "$PY" - "${ARCH:-none}" <<'EOF'; then
+import sys
+import warnings
+
+warnings.simplefilter("ignore")
+from cmfast._extension import status
+
+archs = str(status.build_info.get("cuda_arch_list", "")).replace("+PTX", "").split("/")
+print(f"prebuilt cmfast._C: {status.reason or 'loads'}; built for {archs}, this GPU is {sys.argv[1]}")
+sys.exit(not (status.loaded and status.cuda and sys.argv[1] in archs))
+EOF
+    echo "== build: the prebuilt cmfast._C serves"
+    PREBUILT=1
+  else
+    rm -f "cmfast/_C$SUFFIX"
+  fi
+fi
+((PREBUILT)) || step build 240 env CMFAST_CUDA=1 "$PY" setup.py build_ext --inplace
 step info 60 "$PY" -m cmfast info
 cp "$WORK/logs/info.log" "$WORK/cmfast-info.txt"
 

@@ -6,7 +6,7 @@
 # Builds into build/cuda-link (not in place: the CPU build's cmfast/_C*.so stays untouched). Reruns are
 # incremental (ninja); a change to any csrc/ or kernels/ file recompiles everything, since setup.py passes the
 # source hash as a compile flag. Knobs: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default
-# "8.0;9.0a+PTX"), MAX_JOBS (default 2).
+# "8.0;9.0a+PTX"), MAX_JOBS (default 2), CUDA_LINK_OUT (the build folder, default build/cuda-link).
 set -euo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
@@ -15,7 +15,7 @@ if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
 fi
 PY=$1
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=$ROOT/build/cuda-link
+OUT=${CUDA_LINK_OUT:-$ROOT/build/cuda-link}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a+PTX}
 export MAX_JOBS=${MAX_JOBS:-2}
