@@ -4,11 +4,11 @@
 #   importlib_metadata from carried wheels), load the prebuilt cmfast._C or build it with its CUDA part in place,
 #   record `cmfast info`, nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in
 #   parallel processes), where the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the
-#   kernels at batch 1 and 64 with their torch.compile peers (and group_norm at batch 1 with the cluster kernel off), the ImageNet-64 U-Net and
-#   samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a CUDA-graph replay beside them),
-#   the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every step is time-boxed (timeout)
-#   within one deadline; a failed or stopped step is recorded in steps.tsv (a stopped benchmark keeps the rows it
-#   measured) and the job goes on.
+#   kernels at batch 1 and 64 with their torch.compile peers (and group_norm at batch 1 with the cluster kernel
+#   off), the ImageNet-64 U-Net and samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a
+#   CUDA-graph replay beside them), the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every
+#   step is time-boxed (timeout) within one deadline; a failed or stopped step is recorded in steps.tsv (a stopped
+#   benchmark keeps the rows it measured) and the job goes on.
 #   Everything lands in $OUT, at most 8 files (the device tool's limit):
 #     gpu-job.tar.gz (all logs, CSVs, PNGs, cmfast-info.txt, nvidia-smi-q.txt, pip-list.txt), the CSVs,
 #     summary.md, steps.tsv, job.log.
