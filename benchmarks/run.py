@@ -60,13 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser, names: bool = True) -> None:
 def run(args: argparse.Namespace, log=print) -> "Session":  # noqa: F821
     import torch
 
+    from cmfast.commands import resolve_device
+
     from .common import RESULTS, Session
 
     names = list(dict.fromkeys(args.names)) if args.names else list(MODULES)
     unknown = [n for n in names if n not in MODULES]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown[0]!r}; expected some of: {', '.join(MODULES)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     gpu = device.type == "cuda"
     dtype_names = args.dtypes or (["float16", "bfloat16"] if gpu else ["float32"])
     for name in dtype_names:

@@ -21,8 +21,23 @@ def _ints(text: str, name: str) -> list[int]:
         raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from None
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(name: str | None) -> torch.device:
+    """--device: a name torch knows whose device is here (cpu, cuda, cuda:1); None: cuda when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are {count} CUDA device(s), numbered from 0")
+    elif device.type != "cpu":
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    return device
 
 
 def consistency_levels(args, model: pretrained.Model, default_steps: int) -> list[float]:
@@ -65,7 +80,7 @@ def run_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     npz, png = out / "samples.npz", out / "grid.png"
     images.check_writable([npz, png], args.force)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
     given = _ints(args.class_labels, "--class-labels") if args.class_labels else None
     check_labels(model, given)
@@ -106,7 +121,7 @@ def run_edit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result_png, compare_png = out / f"{args.task}.png", out / f"{args.task}_before_after.png"
     images.check_writable([result_png, compare_png], args.force)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
     if model.kind != "consistency":
         raise ValueError(f"checkpoint: editing needs a consistency model, {model.name} is an EDM teacher")

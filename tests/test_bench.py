@@ -88,6 +88,16 @@ def test_unknown_benchmark_is_refused(tmp_path):
         run.run(quick_args(tmp_path, ["nonsense"]), log=lambda _: None)
 
 
+@pytest.mark.parametrize("device, message", [("tpu", "expected cpu, cuda or cuda:N"),
+                                             ("cuda:7", "no CUDA device here|numbered from 0")])
+def test_bad_device_is_refused(tmp_path, device, message):
+    args = quick_args(tmp_path, ["group_norm"])
+    args.device = device
+    with pytest.raises(SystemExit, match=message):
+        run.run(args, log=lambda _: None)
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_cli_has_a_bench_command():
     from cmfast.cli import build_parser
 

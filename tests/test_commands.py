@@ -82,6 +82,8 @@ def test_edit_tasks(checkpoint, image_file, tmp_path, task, extra):
         (["edit", "inpaint", "{ckpt}", "--image", "{small}"], "expected a square image of 16 px"),
         (["edit", "inpaint", "{ckpt}", "--image", "{image}", "--mask", "{missing}"], "no such file"),
         (["edit", "colorize", "{ckpt}"], "needs an input image"),
+        (["sample", "{ckpt}", "--device", "tpu"], "expected cpu, cuda or cuda:N, got 'tpu'"),
+        (["sample", "{ckpt}", "--device", "cuda:7"], "no CUDA device here|numbered from 0"),
     ],
 )
 def test_bad_input_leaves_nothing(checkpoint, image_file, tmp_path, capsys, monkeypatch, argv, message):
