@@ -32,11 +32,13 @@ class Model:
 
 
 def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None = None) -> Model:
-    """A checkpoint path (.pt, .safetensors, diffusers folder) or a preset name whose file is in checkpoint_dirs()."""
-    if name_or_path is None:
+    """A checkpoint path (.pt, .safetensors, diffusers folder), a preset name whose file is in checkpoint_dirs(), or
+    None / "digits": the built-in model."""
+    if name_or_path is None or (name_or_path == "digits" and not Path(name_or_path).exists()):
         if not BUILT_IN.is_file():
-            raise ValueError("checkpoint: none given and this install has no built-in model; pass a checkpoint "
-                             f"path or a preset name ({', '.join(n for n in PRESETS if not n.startswith('test'))})")
+            raise ValueError(f"checkpoint: {'none given and ' if name_or_path is None else ''}this install has no "
+                             "built-in model; pass a checkpoint path or a preset name "
+                             f"({', '.join(n for n in PRESETS if not n.startswith(('test', 'digits')))})")
         return Model("digits", load(BUILT_IN, device=device, dtype=dtype), kind or "consistency")
     path = Path(name_or_path)
     if path.exists():

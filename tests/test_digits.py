@@ -49,6 +49,13 @@ def test_sample_with_no_checkpoint_uses_the_built_in_model(tmp_path):
         assert f["arr_0"].shape == (10, 16, 16, 1) and f["arr_1"].tolist() == list(range(10))
 
 
+def test_the_preset_name_digits_is_the_built_in_model(tmp_path):
+    assert main(["sample", "digits", "--num", "2", "--seed", "3", "--out", str(tmp_path / "named")]) == 0
+    assert main(["sample", "--num", "2", "--seed", "3", "--out", str(tmp_path / "default")]) == 0
+    with np.load(tmp_path / "named" / "samples.npz") as named, np.load(tmp_path / "default" / "samples.npz") as default:
+        assert np.array_equal(named["arr_0"], default["arr_0"])
+
+
 def test_the_built_in_model_draws_the_digits_it_is_asked_for():
     """One-step samples of the shipped weights, 10 per class, labelled by the real-digit classifier: `cmfast evaluate`
     reports ~90% on 50 per class; far fewer means the weights or the network's numbers changed."""
