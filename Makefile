@@ -8,6 +8,7 @@
 #                    spill, shared memory or registers past the target's limits, or a compile error
 #   make cuda-link   build the CUDA part of cmfast._C against a CUDA build of torch (no GPU needed)
 #   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
+#   make gpu-job-check run benchmarks/gpu_job.sh here as a dry run and check what it would return from a GPU machine
 #   make ci          all of the above (what .ci/run does)
 #   make gpu-prebuild cmfast._C for the lent GPU machines' image (Python 3.12, torch 2.11.0+cu130, sm_90a) into
 #                    .gpu-build/, which benchmarks/gpu_job.sh loads there instead of building (not part of ci)
@@ -24,7 +25,7 @@ GPU_IMAGE_PYTHON ?= python3.12
 GPU_IMAGE_VENV ?= $(CACHE)/venv-gpu-image
 PY := $(VENV)/bin/python
 
-.PHONY: build test run cuda-check triton-check cuda-link wheel-smoke ci gpu-prebuild digits-model
+.PHONY: build test run cuda-check triton-check cuda-link wheel-smoke gpu-job-check ci gpu-prebuild digits-model
 
 # The CPU build of torch is pinned first: a bare "torch" requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: requirements-dev.txt
@@ -76,7 +77,10 @@ gpu-prebuild: $(GPU_IMAGE_VENV)/.installed
 wheel-smoke: $(VENV)/.installed
 	tools/wheel_smoke.sh $(PY) "$(TORCH)"
 
-ci: test cuda-check triton-check cuda-link wheel-smoke
+gpu-job-check: build
+	tools/gpu_job_check.sh $(PY)
+
+ci: test cuda-check triton-check cuda-link wheel-smoke gpu-job-check
 
 # The recipe of the built-in model (cmfast/data/digits.safetensors): improved CT on scikit-learn's digits at
 # 16x16, 2 CPU threads, seed 0, EMA 0.999 (0.995 gave a better Frechet distance but 89.6% recognised one-step samples;
