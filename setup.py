@@ -3,8 +3,9 @@
 The CPU part (csrc/*.cpp) is always built; the CUDA part (kernels/*.cu) when CMFAST_CUDA says so:
   CMFAST_CUDA=auto (default): when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or nvcc on PATH)
   CMFAST_CUDA=1: always (fails if it cannot); CMFAST_CUDA=0: never.
-Other knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0a+PTX"), MAX_JOBS (parallel compile jobs, read by
-torch's BuildExtension), CMFAST_NATIVE=1 (tune CPU code for this machine with -march=native).
+Other knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0a+PTX": A100 and H100 code; sm_90a's PTX does not run on
+later GPUs, so for Blackwell add "10.0" or "9.0+PTX"), MAX_JOBS (parallel compile jobs, read by torch's
+BuildExtension), CMFAST_NATIVE=1 (tune CPU code for this machine with -march=native).
 Build without build isolation so the extension compiles against the torch you run with:
   pip install --no-build-isolation -e .
 """

@@ -260,6 +260,8 @@ __global__ void __launch_bounds__(kThreads, 1) group_norm_cluster_kernel(Params 
   uint32_t begin, end;
   split_range(p.packets, splits, int(cluster.block_rank()), begin, end);
   normalise_held<T, VEC, CL, ITEMS>(p, blockIdx.x / splits, begin, end, group_total);
+#else
+  __trap();  // this build has no cluster code for this GPU: never planned (device_limits), loud if it were
 #endif
 }
 
@@ -349,6 +351,57 @@ __global__ void __launch_bounds__(kThreads) group_norm_apply_kernel(Params p) {
   }
 }
 
+// The current device's limits, read once per device and thread (attribute queries are driver calls, and a batch-1
+// call is all host time); the estimates of DeviceLimits when they cannot be read. `major` says 8 when this build has
+// no cluster code for the device (an "8.0+PTX" build run on an H100: the cluster kernel would be compiled empty).
+DeviceLimits device_limits() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    cudaGetLastError();  // clear this failure: the estimates serve
+    return {};
+  }
+  static thread_local std::vector<DeviceLimits> known;  // by device; sms == 0: not read yet
+  if (size_t(device) >= known.size()) known.resize(size_t(device) + 1, DeviceLimits{0, 0, 0});
+  DeviceLimits& limits = known[size_t(device)];
+  if (limits.sms == 0) {
+    DeviceLimits read;
+    bool failed = false;
+    auto attribute = [&](cudaDeviceAttr which, int& into) {
+      int value = 0;
+      if (cudaDeviceGetAttribute(&value, which, device) == cudaSuccess && value > 0) {
+        into = value;
+      } else {
+        failed = true;
+      }
+    };
+    attribute(cudaDevAttrMultiProcessorCount, read.sms);
+    attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, read.shared_optin);
+    attribute(cudaDevAttrComputeCapabilityMajor, read.major);
+    if (read.major >= 9) {
+      cudaFuncAttributes cluster_code = {};
+      const cudaError_t err =
+          cudaFuncGetAttributes(&cluster_code, group_norm_cluster_kernel<float, 4, false, kSmallItems>);
+      if (err != cudaSuccess || cluster_code.ptxVersion < 90) {
+        failed = failed || err != cudaSuccess;
+        read.major = 8;
+      }
+    }
+    if (failed) cudaGetLastError();  // clear only what these queries left: the estimates serve
+    limits = read;
+  }
+  return limits;
+}
+
+// CMFAST_GROUP_NORM_CLUSTER=0 (read once) keeps batch 1 on the two-stage kernels: to compare the two on one
+// GPU, or where clusters cannot be scheduled.
+bool clusters_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("CMFAST_GROUP_NORM_CLUSTER");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 template <typename T, int VEC, bool CL>
 cudaError_t launch(const GroupNormPlan& plan, const Params& p, int64_t groups_total, cudaStream_t stream) {
   const dim3 grid(unsigned(groups_total), unsigned(plan.splits));
@@ -362,9 +415,11 @@ cudaError_t launch(const GroupNormPlan& plan, const Params& p, int64_t groups_to
   } else if (plan.items == kLargeItems) {
     group_norm_fused_kernel<T, VEC, CL, kLargeItems><<<grid, kThreads, 0, stream>>>(p);
   } else if (plan.shared_bytes > 0) {
+    // The most the plan ever asks for on this device (not this call's size): host threads launching at once all
+    // set the same value, so none can shrink the limit under another's launch.
     auto kernel = group_norm_shared_kernel<T, VEC, CL>;
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 int(plan.shared_bytes));
+                                                 device_limits().shared_optin - kSharedReserve);
     if (err != cudaSuccess) return err;
     kernel<<<grid, kSharedThreads, plan.shared_bytes, stream>>>(p);
   } else {
@@ -393,45 +448,6 @@ int common_alignment(const void* x, const void* out) {
   int alignment = 16;
   while (alignment > 1 && bits % alignment != 0) alignment /= 2;
   return alignment;
-}
-
-// The current device's limits, read once per device and thread (attribute queries are driver calls, and a batch-1
-// call is all host time); the estimates of DeviceLimits when they cannot be read.
-DeviceLimits device_limits() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
-    cudaGetLastError();  // clear it
-    return {};
-  }
-  static thread_local std::vector<DeviceLimits> known;  // by device; sms == 0: not read yet
-  if (size_t(device) >= known.size()) known.resize(size_t(device) + 1, DeviceLimits{0, 0, 0});
-  DeviceLimits& limits = known[size_t(device)];
-  if (limits.sms == 0) {
-    DeviceLimits read;
-    int value = 0;
-    if (cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && value > 0) {
-      read.sms = value;
-    }
-    if (cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess && value > 0) {
-      read.shared_optin = value;
-    }
-    if (cudaDeviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && value > 0) {
-      read.major = value;
-    }
-    cudaGetLastError();  // clear any failure: the estimates serve
-    limits = read;
-  }
-  return limits;
-}
-
-// CMFAST_GROUP_NORM_CLUSTER=0 (read once) keeps batch 1 on the two-stage kernels: to compare the two on one
-// GPU, or where clusters cannot be scheduled.
-bool clusters_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("CMFAST_GROUP_NORM_CLUSTER");
-    return value == nullptr || std::string(value) != "0";
-  }();
-  return enabled;
 }
 
 }  // namespace

@@ -3,6 +3,8 @@ real ADM shapes (reduced for Triton's interpreter) and the edge cases; layouts; 
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ INTERPRETER = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (2, 192, 4, 4)]
 # shared-memory kernel (fp16 and fp32, 16-byte and 1-element packets), or the two-stage one where it does not fit;
 # then batch 1 with groups past a cluster's registers (8 x 32K fp16 elements): the two-stage kernels on sm_90 too
 # (the batch-1 shapes above take the cluster kernel there).
-GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47), (1, 64, 384, 384)]
+GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47), (1, 64, 384, 384), (4, 192, 32, 32), (1, 192, 64, 64)]
 
 
 def shapes_for(device, backend):
@@ -99,6 +101,68 @@ def test_cuda_kernel_paths(shape, dtype, path):
         path = "two-stage"
     assert compiled.group_norm_cuda_path(x, 32) == path
     assert compiled.group_norm_cuda_path(x.to(memory_format=torch.channels_last), 32) == path
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_with_clusters_off():
+    """CMFAST_GROUP_NORM_CLUSTER=0 (read once a process) sends batch 1 to the two-stage kernels on sm_90 as well:
+    this file's CUDA tests again in a process with it set."""
+    if os.environ.get("CMFAST_GROUP_NORM_CLUSTER") == "0":
+        pytest.skip("this process runs with the cluster kernel off already")
+    if not cmfast.extension.cuda or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("no cluster kernel to turn off here")
+    env = {**os.environ, "CMFAST_GROUP_NORM_CLUSTER": "0"}
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                          "-k", "(kernels_match and cuda-cuda) or kernel_paths"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_misaligned_tensors(device, backend, dtype, offset, layout, gen):
+    """x and out `offset` elements past an aligned address (the CUDA kernel's packets narrow to what the addresses
+    allow: 1 or 2 elements instead of 16 bytes)."""
+    shape = (1, 64, 8, 8) if backend == "triton" and device == "cpu" else (2, 192, 16, 16)
+    x, args = make(shape, dtype, device, gen)
+    b, c, h, w = shape
+
+    def placed(t):
+        flat = torch.full((t.numel() + offset,), float("nan"), dtype=dtype, device=device)[offset:]
+        if layout == "channels_last":
+            return flat.view(b, h, w, c).permute(0, 3, 1, 2).copy_(t)
+        return flat.view(shape).copy_(t)
+
+    x_odd, out = placed(x), placed(torch.full_like(x, float("nan")))
+    assert x_odd.data_ptr() % 16 != 0 and out.data_ptr() % 16 != 0
+    G._impl(backend)(x_odd, *args.values(), 32, 1e-5, True, out)
+    assert_matches(out.contiguous(), reference(x, args, True), ulps=2, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [name for name in ("cuda", "triton") if name in G.IMPLEMENTED])
+def test_over_two_to_the_31_elements(backend):
+    """An fp16 x of 2^31 + 2^23 elements (4.4 GB; groups of 256 KB, past the shared kernel): the samples whose
+    offsets pass 2^31 elements checked against the reference."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GB of GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (514, 256, 128, 128)
+    x = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    args = {"weight": torch.rand(256, device="cuda") + 0.5, "bias": torch.randn(256, device="cuda"),
+            "scale": torch.randn(514, 256, device="cuda"), "shift": torch.randn(514, 256, device="cuda")}
+    out = torch.full_like(x, float("nan"))
+    G._impl(backend)(x, *args.values(), 32, 1e-5, True, out)
+    last = slice(-2, None)  # samples 512 and 513: from element 2^31 on
+    tail = {k: v if k in ("weight", "bias") else v[last] for k, v in args.items()}
+    assert_matches(out[last], reference(x[last], tail, True), ulps=2, rtol=1e-5)
+    assert not out[:1].isnan().any()
+    del x, out
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
