@@ -31,8 +31,8 @@ def _table(benchmark: str, rows: list[dict]) -> list[str]:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     unit = "GB/s" if rows[0]["gb_per_s"] not in ("", "None") else "TFLOP/s"
     peer = MAIN_PEER.get(benchmark, "torch-eager")
-    ceiling = next((r["ceiling"] for r in rows if r["ceiling"]), "")
-    lines = [f"**{benchmark}** (p50 ms; rate in {unit}, ceiling {ceiling or 'n/a'})", "",
+    ceilings = "; ".join(dict.fromkeys(r["ceiling"] for r in rows if r["ceiling"]))  # one per dtype for FLOP/s
+    lines = [f"**{benchmark}** (p50 ms; rate in {unit}, ceiling {ceilings or 'n/a'})", "",
              "| shape | dtype | " + " | ".join(providers) + f" | best cmfast: {unit} (of ceiling) | vs {peer} |",
              "|---|---|" + "---:|" * (len(providers) + 2)]
     groups: dict[tuple, dict] = {}

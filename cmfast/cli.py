@@ -152,6 +152,9 @@ def _add_training(sub) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the built-in digits model")
     p.add_argument("--num-per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="sample in fp32 or in the reference's mixed mode with fp16/bf16 block convolutions (what "
+                   "a half type costs in quality)")
     p.set_defaults(func=_run("run_evaluate"))
 
     p = sub.add_parser("demo", help="the built-in model at work: samples, inpainting, denoising as PNG files",

@@ -216,7 +216,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """The digits model's quality: recognised share and Frechet distance, beside real digits and noise."""
     from . import digits
 
-    model = pretrained.find(args.checkpoint)
+    model = pretrained.find(args.checkpoint, dtype=args.precision)
     if model.unet.config.num_classes != 10 or model.unet.config.image_size not in (8, 16, 32):
         raise ValueError("checkpoint: evaluate scores class-conditional digits models (10 classes)")
     data = digits.load(model.unet.config.image_size)
