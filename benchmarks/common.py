@@ -1,31 +1,12 @@
-"""What every benchmark shares: the timer, the machine's own ceilings, input rotation, and the run's rows.
-
-Timing: warm-up calls excluded; per-call times from CUDA events on a GPU, perf_counter on the CPU (Python's garbage
-collector paused while timing); p20/p50/p80 over at least `min_reps` calls and `min_seconds`. Inputs are rotated
-over enough copies that the rotated bytes exceed 4x the last-level cache (a memory-bound kernel is not timed from
-cache), within a memory cap.
-
-Ceilings, measured in the same run (at its start and again at its end; the better of the two is used):
-- bytes/s: a copy of a 256 MiB (CPU) / 1 GiB (GPU) buffer, counting bytes read + written, from the p20 of the
-  call times (the fast end: other processes on a shared machine can only slow a copy down, never speed it up).
-  The copy uses ordinary stores, like the kernels; a kernel that reads more than it writes can pass 100% a little
-  (its write-allocate traffic is a smaller share of its bytes).
-- FLOP/s per dtype: a large square matmul.
-On the CPU each row also records `other_load`: the share of the machine's CPU time that other processes took while
-the row was measured (0 = quiet). Rows measured under load are slower than the machine is; say so when quoting.
+"""What every benchmark shares beyond the measuring (benchmarks/measure.py): the run's rows, their ratios and CSV,
+and the Session that rotates inputs, measures, records and writes them.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
-import gc
-import math
-import os
-import platform
-import statistics
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -33,179 +14,10 @@ import torch
 import cmfast
 from cmfast import backends
 
+from .measure import (OtherLoad, Timing, copies_to_beat_cache, device_name, device_slug, dtype_label, measure,
+                      measure_ceilings)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-# ---- the machine ---------------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
-
-
-def device_slug(device: torch.device) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in device_name(device).lower()).split())
-
-
-def cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).L2_cache_size
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        return int(text.rstrip("K")) * 1024 if text.endswith("K") else int(text)
-    except (OSError, ValueError):
-        return 32 << 20
-
-
-def copies_to_beat_cache(bytes_per_call: int, device: torch.device, limit: int = 1024) -> int:
-    """How many input sets to rotate through so that a call's inputs were evicted since their last use: the
-    rotated bytes reach 4x the last-level cache, within `limit` sets and a memory cap (1 GiB CPU, 4 GiB GPU)."""
-    cap = (4 << 30) if device.type == "cuda" else (1 << 30)
-    want = math.ceil(4 * cache_bytes(device) / max(bytes_per_call, 1))
-    return max(1, min(limit, want, cap // max(bytes_per_call, 1)))
-
-
-class OtherLoad:
-    """The share of all CPUs' time used by other processes between start() and stop() (Linux; else None)."""
-
-    @staticmethod
-    def _sample():
-        try:
-            parts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(parts) - parts[3] - (parts[4] if len(parts) > 4 else 0)  # everything but idle and iowait
-        own = os.times()
-        return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
-
-    def start(self):
-        self.begin = self._sample()
-        return self
-
-    def stop(self) -> float | None:
-        end = self._sample()
-        if self.begin is None or end is None:
-            return None
-        busy, own, wall = (e - b for e, b in zip(end, self.begin))
-        if wall <= 0:
-            return None
-        return min(1.0, max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))))
-
-
-# ---- the timer -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    warmup: int = 3
-    min_reps: int = 10
-    min_seconds: float = 0.3
-    max_reps: int = 10_000
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class Measured:
-    p20: float  # milliseconds per call
-    p50: float
-    p80: float
-    reps: int
-    other_load: float | None  # other processes' share of the CPUs during the timed calls (OtherLoad)
-
-
-def measure(calls, device: torch.device, timing: Timing = Timing()) -> Measured:
-    """Times the callables of `calls` in rotation, after the warm-up calls."""
-    for i in range(timing.warmup):
-        calls[i % len(calls)]()
-    _sync(device)
-    gc_was_on = gc.isenabled()
-    gc.disable()  # no collection pauses inside the timed calls
-    times: list[float] = []
-    load = OtherLoad().start()
-    try:
-        start_all = time.perf_counter()
-        i = 0
-        while len(times) < timing.min_reps or time.perf_counter() - start_all < timing.min_seconds:
-            fn = calls[i % len(calls)]
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            i += 1
-            if len(times) >= timing.max_reps:
-                break
-    finally:
-        if gc_was_on:
-            gc.enable()
-    other = load.stop()
-    if len(times) == 1:
-        return Measured(times[0], times[0], times[0], 1, other)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return Measured(q[1], statistics.median(times), q[7], len(times), other)
-
-
-# ---- ceilings ------------------------------------------------------------------------------------------------
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
-class Ceilings:
-    bytes_per_s: float  # a large copy: read + write bytes / time
-    flop_per_s: dict[str, float] = field(default_factory=dict)  # a large matmul, per dtype name
-
-    def best(self, other: "Ceilings") -> "Ceilings":
-        keys = set(self.flop_per_s) | set(other.flop_per_s)
-        return Ceilings(max(self.bytes_per_s, other.bytes_per_s),
-                        {k: max(self.flop_per_s.get(k, 0.0), other.flop_per_s.get(k, 0.0)) for k in keys})
-
-    def describe(self) -> str:
-        flops = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in self.flop_per_s.items())
-        return f"copy {self.bytes_per_s / 1e9:.1f} GB/s; matmul {flops}"
-
-
-def measure_ceilings(device: torch.device, dtypes=(torch.float32,), small: bool = False) -> Ceilings:
-    """small: a quick estimate (16x smaller buffers and matrices), for --quick runs whose numbers mean nothing."""
-    gpu = device.type == "cuda"
-    n = ((1 << 30) if gpu else (256 << 20)) >> (4 if small else 0)  # bytes per buffer: 8x a 32 MiB L3, 20x 50 MiB
-    src = torch.empty(n // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src).fill_(1.0)  # touched: no page faults inside the timing
-    budget = 0.05 if small else 0.5
-    copy = measure([lambda: dst.copy_(src)], device, Timing(warmup=2, min_reps=10, min_seconds=budget))
-    del src, dst
-    flops = {}
-    for dtype in dtypes:
-        m = (8192 if gpu else 2048) >> (2 if small else 0)
-        a = torch.randn(m, m, device=device).to(dtype)
-        b = torch.randn(m, m, device=device).to(dtype)
-        matmul = measure([lambda: a @ b], device, Timing(warmup=2, min_reps=5, min_seconds=budget))
-        flops[_short(dtype)] = 2 * m**3 / (matmul.p20 * 1e-3)
-    return Ceilings(2 * n / (copy.p20 * 1e-3), flops)
 
 
 # ---- rows and the run ----------------------------------------------------------------------------------------
@@ -372,7 +184,7 @@ class Session:
     def record(self, benchmark: str, provider: str, calls, *, shape: str, dtype, batch: int, timing: Timing,
                nbytes: int | None = None, flop: float | None = None, note: str = "") -> Row | None:
         """Time `calls` (callables in rotation) and add a row; a provider that fails is logged and skipped."""
-        dtype_name = dtype if isinstance(dtype, str) else _short(dtype)
+        dtype_name = dtype if isinstance(dtype, str) else dtype_label(dtype)
         try:
             m = measure(calls, self.device, timing)
         except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)

@@ -22,7 +22,7 @@ import torch
 from cmfast import backends, ops
 
 from . import bench_attention, bench_group_norm
-from .common import _sync
+from .measure import synchronize
 
 ATTENTION_PEERS = {"torch-eager": bench_attention.eager, "torch-sdpa": bench_attention.sdpa}
 
@@ -50,13 +50,13 @@ def per_call_us(fn, args, device, calls: int, seconds: float = 0.5) -> tuple[flo
     start = time.perf_counter()
     for _ in range(10):
         fn(*args)
-    _sync(device)
+    synchronize(device)
     calls = max(10, min(calls, int(seconds / ((time.perf_counter() - start) / 10))))
     start = time.perf_counter()
     for _ in range(calls):
         fn(*args)
     issued = time.perf_counter()
-    _sync(device)
+    synchronize(device)
     done = time.perf_counter()
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 

@@ -1,7 +1,8 @@
-// The group_norm op's compiled kernels: the CPU kernel here, the CUDA kernels in kernels/group_norm.cu, both
-// registered as cmfast_C::group_norm, which only fills a given `out`. The public op (cmfast/ops/group_norm.py)
-// validates and picks a backend; its eager calls then go through cmfast::group_norm (bottom of this file, bound in
-// module.cpp), which lays x out (contiguous, or 4-d channels_last), allocates `out` like it and runs the kernel.
+// The group_norm op's compiled kernels: the CPU kernel here (its inner loops in group_norm_loops.h), the CUDA
+// kernels in kernels/group_norm.cu, both registered as cmfast_C::group_norm, which only fills a given `out`. The
+// public op (cmfast/ops/group_norm.py) validates and picks a backend; its eager calls then go through
+// cmfast::group_norm (bottom of this file, bound in module.cpp), which lays x out (contiguous, or 4-d
+// channels_last), allocates `out` like it and runs the kernel.
 //
 // Each (sample, group) gets fp32 Moments (count, mean, M2) from blocks that are each read twice while cached
 // (sum, then squared deviations from the block's mean) and merged with Chan's update, then every channel is
@@ -9,12 +10,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -22,6 +20,7 @@
 
 #include "../kernels/group_norm_math.h"
 #include "common.h"
+#include "group_norm_loops.h"
 
 #ifdef CMFAST_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -29,10 +28,6 @@
 
 #include "../kernels/group_norm.cuh"
 #endif
-
-// The inner loops are cloned for AVX-512, AVX2 and the baseline ISA (picked at load time), as in consistency.cpp;
-// AVX-512 (which brings FMA) halves the cost of the SiLU epilogue where the CPU has it (measured on Zen 4).
-#define CMFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace cmfast {
 namespace {
@@ -42,186 +37,6 @@ constexpr int64_t kWaveBytes = 1 << 20;   // channels_last: samples per wave, in
 constexpr int64_t kGroupGrain = 1 << 13;  // contiguous: elements per task (one pass: 2 threads pay from ~16K)
 constexpr int64_t kBlock = 4096;     // contiguous: elements per statistics block (16 KB fp32, read twice from L1)
 constexpr int64_t kTile = 8192;      // channels_last: elements per statistics tile (whole pixels, read twice)
-constexpr int kLanes = 64;           // independent fp32 partial sums: 4 AVX-512 accumulators hide the add latency
-
-// std::bit_cast is C++20; torch extensions build as C++17 up to torch 2.11. A fixed-size memcpy compiles to a move.
-template <typename To, typename From>
-__attribute__((always_inline)) inline To bits_as(From v) {
-  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
-// ---- fp32 <-> storage type, in integer arithmetic the vectoriser takes (c10's conversions stay scalar here) ---
-
-__attribute__((always_inline)) inline float to_f32(float v) { return v; }
-__attribute__((always_inline)) inline float to_f32(c10::BFloat16 v) {
-  return bits_as<float>(static_cast<uint32_t>(v.x) << 16);
-}
-// Exponent and mantissa moved into a float and rescaled by 2^112 (exact for normals and subnormals); Inf/NaN
-// get the all-ones exponent back.
-__attribute__((always_inline)) inline float to_f32(c10::Half v) {
-  const uint32_t magnitude = v.x & 0x7fffu;
-  uint32_t bits = bits_as<uint32_t>(bits_as<float>(magnitude << 13) * 0x1p112f);
-  bits = magnitude >= 0x7c00u ? bits | 0x7f800000u : bits;
-  return bits_as<float>(bits | (static_cast<uint32_t>(v.x & 0x8000u) << 16));
-}
-
-template <typename T>
-T from_f32(float v);
-template <>
-__attribute__((always_inline)) inline float from_f32<float>(float v) {
-  return v;
-}
-// Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16(float).
-template <>
-__attribute__((always_inline)) inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
-  const uint32_t u = bits_as<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
-  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-}
-// Round to nearest even (F. Giesen's float_to_half_fast3_rtne): every case computed, then selected. Overflow
-// gives Inf, NaN a quiet NaN, small values subnormals (rounded by an fp32 add).
-template <>
-__attribute__((always_inline)) inline c10::Half from_f32<c10::Half>(float v) {
-  const uint32_t u = bits_as<uint32_t>(v);
-  const uint32_t sign = u & 0x80000000u, f = u ^ sign;
-  const uint32_t subnormal = bits_as<uint32_t>(bits_as<float>(f) + 0.5f) - 0x3f000000u;
-  const uint32_t normal = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;  // rebias (15 - 127) << 23, round
-  const uint32_t inf_nan = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  // Masks, not ?: -- the compiler would move the fp32 add into a branch, and a branch stays scalar.
-  const uint32_t tiny = 0u - static_cast<uint32_t>(f < 0x38800000u);
-  const uint32_t huge = 0u - static_cast<uint32_t>(f >= 0x47800000u);
-  const uint32_t bits = (subnormal & tiny) | (inf_nan & huge) | (normal & ~(tiny | huge));
-  return c10::Half(static_cast<uint16_t>(bits | (sign >> 16)), c10::Half::from_bits());
-}
-
-// ---- the vectorised inner loops --------------------------------------------------------------------------
-
-// The Moments of n fp32 values: their sum, then the squared deviations from their mean (two passes over a block
-// that sits in L1), each over kLanes partial sums.
-
-CMFAST_CLONES float sum_of(const float* __restrict__ x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-CMFAST_CLONES float squared_deviations(const float* __restrict__ x, int64_t n, float mean) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float d = x[i + j] - mean;
-      acc[j] += d * d;
-    }
-  for (int j = 0; i < n; ++i, ++j) {
-    const float d = x[i] - mean;
-    acc[j] += d * d;
-  }
-  float s = 0.0f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
-template <typename T>
-CMFAST_CLONES void widen(const T* __restrict__ x, float* __restrict__ out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
-}
-
-// acc[c] += sum over rows p of x[p, c] (channels_last: C channels per row).
-template <typename T>
-CMFAST_CLONES void column_sums(const T* __restrict__ x, int64_t rows, int64_t C, float* __restrict__ acc) {
-  for (int64_t p = 0; p < rows; ++p)
-    for (int64_t c = 0; c < C; ++c) acc[c] += to_f32(x[p * C + c]);
-}
-
-// acc[c] += sum over rows p of (x[p, c] - mean[c])^2.
-template <typename T>
-CMFAST_CLONES void column_squared_deviations(const T* __restrict__ x, int64_t rows, int64_t C,
-                                             const float* __restrict__ mean, float* __restrict__ acc) {
-  for (int64_t p = 0; p < rows; ++p)
-    for (int64_t c = 0; c < C; ++c) {
-      const float d = to_f32(x[p * C + c]) - mean[c];
-      acc[c] += d * d;
-    }
-}
-
-// 1 + exp(-y), the SiLU's denominator, in plain arithmetic that vectorises (libm's expf does not without
-// -ffast-math) and kept lean, as the SiLU is most of the kernel's arithmetic: |y| clamped to 87 on the integer bits
-// (a float comparison gets if-converted into a second division); n = round(-y / ln 2) taken from the low bits of the
-// rounding sum k; r = -y - n ln 2 in two steps (Cody-Waite); exp(r) by a degree-5 polynomial (fitted for relative
-// error on |r| <= ln 2 / 2); 2^n added to the exponent bits. Within 2.5e-7 of exp relatively, but for y near 87,
-// where exp(-y) < 1e-37 may come out garbled and vanishes in the 1 + anyway. NaN stays NaN in y / (...).
-__attribute__((always_inline)) inline float one_plus_exp_neg(float y) {
-  const uint32_t bits = bits_as<uint32_t>(y);
-  y = bits_as<float>(std::min(bits & 0x7fffffffu, bits_as<uint32_t>(87.0f)) | (bits & 0x80000000u));
-  const float k = y * -1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23 + n: n in the low mantissa bits
-  const float n = k - 12582912.0f;
-  float r = -y - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (the first part exact in 9 bits)
-  r = r + n * 2.12194440e-4f;
-  float p = 8.312519639730453e-3f;
-  p = p * r + 4.1890114545822144e-2f;
-  p = p * r + 1.6667114198207855e-1f;
-  p = p * r + 4.99992311000824e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return 1.0f + bits_as<float>(bits_as<uint32_t>(p) + (bits_as<uint32_t>(k) << 23));
-}
-
-template <bool SILU>
-__attribute__((always_inline)) inline float epilogue(float y) {
-  return SILU ? y / one_plus_exp_neg(y) : y;
-}
-
-// out[k, i] = epilogue((x[k, i] - mean) * a[k] + d[k]) over a group's channels k, n values each (contiguous
-// layout). One call a group, not a channel: at 8x8 a channel is only 64 values. Channel by channel it prefetches
-// the next group (`next`, or null) so that its statistics pass does not wait on DRAM (15-25% at 8x8 to 32x32).
-template <typename T, bool SILU>
-CMFAST_CLONES void affine_channels(const T* __restrict__ x, T* __restrict__ out, int64_t channels, int64_t n,
-                                   float mean, const float* __restrict__ a, const float* __restrict__ d,
-                                   const T* next) {
-  for (int64_t k = 0; k < channels; ++k) {
-    if (next != nullptr) {
-      const char* line = reinterpret_cast<const char*>(next + k * n);
-      for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(line + b);
-    }
-    const T* xk = x + k * n;
-    T* ok = out + k * n;
-    const float ak = a[k], dk = d[k];
-    for (int64_t i = 0; i < n; ++i) ok[i] = from_f32<T>(epilogue<SILU>((to_f32(xk[i]) - mean) * ak + dk));
-  }
-}
-
-// out[p, c] = epilogue((x[p, c] - mean[c]) * a[c] + d[c]) over rows of C channels (channels_last). Row by row it
-// prefetches as many rows from `next` (or nothing when null): the next wave's statistics pass then reads from cache.
-template <typename T, bool SILU>
-CMFAST_CLONES void affine_rows(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t C,
-                               const float* __restrict__ mean, const float* __restrict__ a,
-                               const float* __restrict__ d, const T* next) {
-  for (int64_t p = 0; p < rows; ++p) {
-    if (next != nullptr) {
-      const char* line = reinterpret_cast<const char*>(next + p * C);
-      for (int64_t b = 0; b < C * int64_t(sizeof(T)); b += 64) __builtin_prefetch(line + b);
-    }
-    for (int64_t c = 0; c < C; ++c)
-      out[p * C + c] = from_f32<T>(epilogue<SILU>((to_f32(x[p * C + c]) - mean[c]) * a[c] + d[c]));
-  }
-}
-
-// The sum of a group's few per-channel sums.
-inline float total(const float* v, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += v[i];
-  return s;
-}
 
 // ---- the two layouts --------------------------------------------------------------------------------------
 
