@@ -26,7 +26,8 @@ INTERPRETER = [(1, 64, 8, 8), (3, 96, 5, 7), (2, 96, 1, 1), (2, 192, 4, 4)]
 # shared-memory kernel (fp16 and fp32, 16-byte and 1-element packets), or the two-stage one where it does not fit;
 # then batch 1 with groups past a cluster's registers (8 x 32K fp16 elements): the two-stage kernels on sm_90 too
 # (the batch-1 shapes above take the cluster kernel there).
-GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47), (1, 64, 384, 384), (4, 192, 32, 32), (1, 192, 64, 64)]
+GPU = [(4, 384, 64, 64), (3, 160, 64, 64), (4, 96, 45, 47), (1, 64, 384, 384), (4, 192, 32, 32), (1, 192, 64, 64),
+       (16, 512, 32, 32)]
 
 
 def shapes_for(device, backend):
@@ -84,6 +85,7 @@ CUDA_PATHS = [
     ((3, 160, 64, 64), torch.float32, "shared"),  # 80 KB
     ((1, 192, 64, 64), torch.float16, "cluster"),  # batch 1: 32 groups
     ((1, 64, 384, 384), torch.float16, "two-stage"),  # batch 1, 576 KB groups: past 8 blocks' registers
+    ((16, 512, 32, 32), torch.float16, "fused"),  # 2048 packets a group (16 a thread), 512 groups
 ]
 
 
@@ -126,7 +128,15 @@ def test_cuda_kernels_with_clusters_off():
 def test_misaligned_tensors(device, backend, dtype, offset, layout, gen):
     """x and out `offset` elements past an aligned address (the CUDA kernel's packets narrow to what the addresses
     allow: 1 or 2 elements instead of 16 bytes)."""
-    shape = (1, 64, 8, 8) if backend == "triton" and device == "cpu" else (2, 192, 16, 16)
+    if backend == "triton" and device == "cpu":
+        shapes = [(1, 64, 8, 8)]
+    else:  # on an H100 the last two are the cluster and two-stage kernels with 1- and 2-element packets
+        shapes = [(2, 192, 16, 16)] + ([(1, 192, 64, 64), (1, 64, 384, 384)] if device == "cuda" else [])
+    for shape in shapes:
+        check_misaligned(shape, dtype, device, backend, offset, layout, gen)
+
+
+def check_misaligned(shape, dtype, device, backend, offset, layout, gen):
     x, args = make(shape, dtype, device, gen)
     b, c, h, w = shape
 
