@@ -161,7 +161,7 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 120)  # one hung test must not eat the step
 "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
 read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
-step test-gpu 150 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
+step test-gpu 180 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
 step host-overhead 45 "$PY" -m benchmarks.host_overhead --device "$DEVICE"  # batch-1 calls: host issue time, profile
 read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
 step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
