@@ -1,13 +1,11 @@
 // The CPU group_norm kernel's inner loops (csrc/group_norm.cpp, their one includer, runs them over the two
-// layouts): fp32 <-> storage type conversions the vectoriser takes, the statistics sums, the affine + SiLU
-// epilogue. Every loop is plain C++ that GCC vectorises, cloned per ISA.
+// layouts): the statistics sums, the affine + SiLU epilogue, loading and storing through convert.h. Every loop is
+// plain C++ that GCC vectorises, cloned per ISA.
 #pragma once
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+
+#include "convert.h"
 
 // The inner loops are cloned for AVX-512, AVX2 and the baseline ISA (picked at load time), as in consistency.cpp;
 // AVX-512 (which brings FMA) halves the cost of the SiLU epilogue where the CPU has it (measured on Zen 4).
@@ -17,62 +15,6 @@ namespace cmfast {
 namespace {
 
 constexpr int kLanes = 64;           // independent fp32 partial sums: 4 AVX-512 accumulators hide the add latency
-
-// std::bit_cast is C++20; torch extensions build as C++17 up to torch 2.11. A fixed-size memcpy compiles to a move.
-template <typename To, typename From>
-__attribute__((always_inline)) inline To bits_as(From v) {
-  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
-// ---- fp32 <-> storage type, in integer arithmetic the vectoriser takes (c10's conversions stay scalar here) ---
-
-__attribute__((always_inline)) inline float to_f32(float v) { return v; }
-__attribute__((always_inline)) inline float to_f32(c10::BFloat16 v) {
-  return bits_as<float>(static_cast<uint32_t>(v.x) << 16);
-}
-// Exponent and mantissa moved into a float and rescaled by 2^112 (exact for normals and subnormals); Inf/NaN
-// get the all-ones exponent back.
-__attribute__((always_inline)) inline float to_f32(c10::Half v) {
-  const uint32_t magnitude = v.x & 0x7fffu;
-  uint32_t bits = bits_as<uint32_t>(bits_as<float>(magnitude << 13) * 0x1p112f);
-  bits = magnitude >= 0x7c00u ? bits | 0x7f800000u : bits;
-  return bits_as<float>(bits | (static_cast<uint32_t>(v.x & 0x8000u) << 16));
-}
-
-template <typename T>
-T from_f32(float v);
-template <>
-__attribute__((always_inline)) inline float from_f32<float>(float v) {
-  return v;
-}
-// Round to nearest even; NaN stays a (quiet) NaN, as c10::BFloat16(float).
-template <>
-__attribute__((always_inline)) inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
-  const uint32_t u = bits_as<uint32_t>(v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded;
-  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
-}
-// Round to nearest even (F. Giesen's float_to_half_fast3_rtne): every case computed, then selected. Overflow
-// gives Inf, NaN a quiet NaN, small values subnormals (rounded by an fp32 add).
-template <>
-__attribute__((always_inline)) inline c10::Half from_f32<c10::Half>(float v) {
-  const uint32_t u = bits_as<uint32_t>(v);
-  const uint32_t sign = u & 0x80000000u, f = u ^ sign;
-  const uint32_t subnormal = bits_as<uint32_t>(bits_as<float>(f) + 0.5f) - 0x3f000000u;
-  const uint32_t normal = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;  // rebias (15 - 127) << 23, round
-  const uint32_t inf_nan = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  // Masks, not ?: -- the compiler would move the fp32 add into a branch, and a branch stays scalar.
-  const uint32_t tiny = 0u - static_cast<uint32_t>(f < 0x38800000u);
-  const uint32_t huge = 0u - static_cast<uint32_t>(f >= 0x47800000u);
-  const uint32_t bits = (subnormal & tiny) | (inf_nan & huge) | (normal & ~(tiny | huge));
-  return c10::Half(static_cast<uint16_t>(bits | (sign >> 16)), c10::Half::from_bits());
-}
-
-// ---- the vectorised inner loops --------------------------------------------------------------------------
 
 // The Moments of n fp32 values: their sum, then the squared deviations from their mean (two passes over a block
 // that sits in L1), each over kLanes partial sums.

@@ -21,6 +21,9 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
   m.def("transpose_last2", &cmfast::transpose_last2, "out[n, k, r] = src[n, r, k] (CPU, contiguous (N, R, K) -> (N, K, R))",
         py::arg("src"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention_cpu_kernels", &cmfast::attention_cpu_kernels, "the attention CPU kernels this CPU runs");
+  m.def("attention_cpu", &cmfast::attention_cpu, "the attention op's CPU kernel `kernel` (f32 or bf16) on qkv into out",
+        py::arg("qkv"), py::arg("num_heads"), py::arg("out"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
 #ifdef CMFAST_WITH_CUDA
   m.def("group_norm_cuda_path", &cmfast::group_norm_cuda_path, "which CUDA kernel group_norm runs for x");
 #endif

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace cmfast {
 
@@ -15,6 +16,11 @@ at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
 // out[n, k, r] = src[n, r, k] for contiguous CPU tensors src (N, R, K) and out (N, K, R) (csrc/attention.cpp): the
 // attention op's transposes around SDPA in the NCHW layout.
 void transpose_last2(const at::Tensor& src, const at::Tensor& out);
+
+// The attention op's CPU kernels this CPU runs ("f32": AVX-512; "bf16": AVX512_BF16 too), and one of them run by
+// name (for tests and benchmarks; the registered op picks bf16 for bfloat16 tensors where it can).
+std::vector<std::string> attention_cpu_kernels();
+void attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& out, const std::string& kernel);
 
 #ifdef CMFAST_WITH_CUDA
 // Which CUDA kernel group_norm would run for x on its device: fused, shared, cluster, two-stage (for tests and

@@ -119,3 +119,86 @@ def test_cpu_tile_transpose(dtype, gen):
         assert torch.equal(out, src.transpose(1, 2))
     with pytest.raises(RuntimeError, match="expected a contiguous"):
         compiled.transpose_last2(torch.zeros(2, 3, 4, dtype=dtype), torch.zeros(2, 3, 4, dtype=dtype))
+
+
+# Odd head dims (12, 15: padded to the microkernel's 8 channels; 15 has no bf16 pairs) beside the shapes above.
+ODD_HEADS = [(1, 36, 3, 5, 3), (2, 30, 2, 3, 2)]
+
+
+def cpu_kernel_runs(kernel):
+    from cmfast._extension import compiled
+
+    if not cmfast.extension.cpu:
+        pytest.skip(cmfast.extension.reason or "no cmfast._C")
+    if kernel not in compiled.attention_cpu_kernels():
+        pytest.skip(f"this CPU cannot run the {kernel} attention kernel (needs AVX-512{', BF16' if kernel == 'bf16' else ''})")
+    return compiled
+
+
+def misaligned_like(t):
+    """t's values in a tensor of its layout whose data starts one element past an aligned address."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    if t.is_contiguous():
+        return flat.view(t.shape).copy_(t)
+    return flat.view(t.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2).copy_(t)
+
+
+@pytest.mark.parametrize("kernel, dtype", [("f32", d) for d in DTYPES] + [("bf16", torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+def test_cpu_kernels_match_reference(kernel, dtype, layout, gen):
+    """Each CPU kernel by name (the op picks one per dtype and CPU): the f32 one on every dtype (bfloat16 on CPUs
+    without AVX512_BF16 takes it), the bf16 one on bfloat16, over the real and edge shapes and odd head dims."""
+    compiled = cpu_kernel_runs(kernel)
+    for shape in REAL + EDGE + ODD_HEADS:
+        c, heads = shape[1], shape[4]
+        if kernel == "bf16" and (c // heads) % 2:
+            continue
+        qkv, heads = make(shape, dtype, "cpu", gen, channels_last=layout == "channels_last")
+        out = torch.full(A.output_like(qkv).shape, float("nan"), dtype=dtype)
+        if layout == "channels_last":
+            out = out.to(memory_format=torch.channels_last)
+        if layout == "misaligned":
+            qkv, out = misaligned_like(qkv), misaligned_like(out)
+        compiled.attention_cpu(qkv, heads, out, kernel)
+        assert not out.isnan().any(), f"unwritten output at {shape}"
+        close(out, reference(qkv, heads), dtype)
+
+
+def test_cpu_op_picks_its_kernel(gen):
+    """The registered CPU op: bf16 dot products for bfloat16 tensors where the CPU has them, else fp32 arithmetic;
+    registered at all only where the CPU runs the f32 kernel (AVX-512)."""
+    compiled = cpu_kernel_runs("f32")
+    assert "cpu" in A.IMPLEMENTED
+    qkv, heads = make((1, 128, 8, 8, 2), torch.bfloat16, "cpu", gen)
+    by_kernel = {}
+    for kernel in compiled.attention_cpu_kernels():
+        by_kernel[kernel] = A.output_like(qkv)
+        compiled.attention_cpu(qkv, heads, by_kernel[kernel], kernel)
+    out = A.output_like(qkv)
+    torch.ops.cmfast_C.attention(qkv, heads, out)
+    picked = "bf16" if "bf16" in by_kernel else "f32"
+    assert torch.equal(out, by_kernel[picked])
+    if len(by_kernel) == 2:
+        assert not torch.equal(by_kernel["f32"], by_kernel["bf16"])  # so that the comparison above tells them apart
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c, q, o: c.attention_cpu(q, 2, o, "f16"), "cannot run the f16 kernel"),
+        (lambda c, q, o: c.attention_cpu(q, 2, o, "bf16"), "takes bfloat16"),
+        (lambda c, q, o: c.attention_cpu(q, 3, o, "f32"), "does not divide"),
+        (lambda c, q, o: c.attention_cpu(q, 2, o[:, :32], "f32"), "expected shape"),
+        (lambda c, q, o: c.attention_cpu(q, 2, o.double(), "f32"), "expected dtype"),
+        (lambda c, q, o: c.attention_cpu(q.double(), 2, o.double(), "f32"), "unsupported dtype"),
+        (lambda c, q, o: c.attention_cpu(q, 2, o.to(memory_format=torch.channels_last), "f32"), "both contiguous"),
+        (lambda c, q, o: c.attention_cpu(q[:, :, ::2], 2, o[:, :, ::2], "f32"), "both contiguous"),
+    ],
+)
+def test_cpu_kernel_rejects(call, message, gen):
+    compiled = cpu_kernel_runs("f32")
+    qkv, _ = make((1, 64, 4, 4, 2), torch.float32, "cpu", gen)
+    out = torch.full(A.output_like(qkv).shape, float("nan"))
+    with pytest.raises(RuntimeError, match=message):
+        call(compiled, qkv, out)
+    assert out.isnan().all()  # nothing written

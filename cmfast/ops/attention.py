@@ -108,7 +108,8 @@ def sdpa_transposed(qkv, num_heads, out):
 
 def torch_attention(qkv, num_heads, out):
     """torch's own kernels on strided views: on the CPU at short sequences matmul_attention; else
-    scaled_dot_product_attention. In channels_last the views are unit-stride along the head dimension and go in as
+    scaled_dot_product_attention. (On the CPU this serves where the compiled kernel cannot run, without AVX-512 or
+    the extension: csrc/attention.cpp beats it everywhere it runs.) In channels_last the views are unit-stride along the head dimension and go in as
     they are; in NCHW they are not, and copying them first is faster than letting SDPA take them strided (2 CPU
     threads, 1x192x32x32: 7.6 ms vs 16.5 ms; the reference's explicit matmul: 11.7 ms), with the compiled tile
     transpose on the CPU when the extension is there."""
