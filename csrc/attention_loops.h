@@ -83,27 +83,34 @@ CMFAST_KERNEL void pack_tokens_first(const S* src, int64_t cs, int64_t ts, int64
 
 // ---- one task: kQ queries of a head ------------------------------------------------------------------------
 
-// s[r][0, kQ) = sum over words w of k[r][w] . q[w][0, kQ) for kRows keys r (rows of k: k_row elements).
+// out[r][0, kQ) = out[r][.] scale[.] (or 0 when scale is null) + sum over words w < words of a(r, w) b(w, .) for
+// kRows rows r: a(r, w) the word at a + r * a_row + w * kPerWord (broadcast), b(w, .) the kQ lanes' words at
+// b + w * b_row. Both products: scores (a: keys' rows of k, b: q; no scale) and O^T (a: channels' rows of v, b: P).
 template <class Dot>
-CMFAST_KERNEL void scores(const typename Dot::Element* q, int64_t q_row, const typename Dot::Element* k,
-                          int64_t k_row, float* s) {
+CMFAST_KERNEL void rows_times_block(const typename Dot::Element* a, int64_t a_row, const typename Dot::Element* b,
+                                    int64_t b_row, int64_t words, const float* scale, float* out) {
   constexpr int per = Dot::kPerWord;
   __m512 acc[kRows][2];
+  const __m512 s0 = scale ? _mm512_loadu_ps(scale) : _mm512_setzero_ps();
+  const __m512 s1 = scale ? _mm512_loadu_ps(scale + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t w = 0; w < k_row / per; ++w) {
-    const typename Dot::Vec b0 = Dot::load(q + w * q_row), b1 = Dot::load(q + w * q_row + 16 * per);
+  for (int r = 0; r < kRows; ++r) {
+    acc[r][0] = scale ? _mm512_mul_ps(_mm512_loadu_ps(out + r * kQ), s0) : s0;
+    acc[r][1] = scale ? _mm512_mul_ps(_mm512_loadu_ps(out + r * kQ + 16), s1) : s1;
+  }
+  for (int64_t w = 0; w < words; ++w) {
+    const typename Dot::Vec b0 = Dot::load(b + w * b_row), b1 = Dot::load(b + w * b_row + 16 * per);
 #pragma GCC unroll 8
     for (int r = 0; r < kRows; ++r) {
-      const typename Dot::Vec a = Dot::broadcast(k + r * k_row + w * per);
-      acc[r][0] = Dot::fma(acc[r][0], a, b0);
-      acc[r][1] = Dot::fma(acc[r][1], a, b1);
+      const typename Dot::Vec x = Dot::broadcast(a + r * a_row + w * per);
+      acc[r][0] = Dot::fma(acc[r][0], x, b0);
+      acc[r][1] = Dot::fma(acc[r][1], x, b1);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
-    _mm512_storeu_ps(s + r * kQ, acc[r][0]);
-    _mm512_storeu_ps(s + r * kQ + 16, acc[r][1]);
+    _mm512_storeu_ps(out + r * kQ, acc[r][0]);
+    _mm512_storeu_ps(out + r * kQ + 16, acc[r][1]);
   }
 }
 
@@ -133,35 +140,6 @@ CMFAST_KERNEL void softmax(const float* s, int64_t keys, int64_t valid, float c,
     _mm512_storeu_ps(m + h, m_new);
     _mm512_storeu_ps(alpha + h, a);
     _mm512_storeu_ps(l + h, _mm512_fmadd_ps(_mm512_loadu_ps(l + h), a, _mm512_add_ps(sum0, sum1)));
-  }
-}
-
-// o[r][.] = o[r][.] alpha + sum over the chunk's keys j of v[r][j] p[j][.] for kRows channels r (rows of v: v_row
-// elements from the chunk's first key).
-template <class Dot>
-CMFAST_KERNEL void weighted_values(const typename Dot::Element* v, int64_t v_row, const typename Dot::Element* p,
-                                   int64_t keys, const float* alpha, float* o) {
-  constexpr int per = Dot::kPerWord;
-  const __m512 a0 = _mm512_loadu_ps(alpha), a1 = _mm512_loadu_ps(alpha + 16);
-  __m512 acc[kRows][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    acc[r][0] = _mm512_mul_ps(_mm512_loadu_ps(o + r * kQ), a0);
-    acc[r][1] = _mm512_mul_ps(_mm512_loadu_ps(o + r * kQ + 16), a1);
-  }
-  for (int64_t j = 0; j < keys; j += per) {
-    const typename Dot::Vec b0 = Dot::load(p + j * kQ), b1 = Dot::load(p + j * kQ + 16 * per);
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const typename Dot::Vec a = Dot::broadcast(v + r * v_row + j);
-      acc[r][0] = Dot::fma(acc[r][0], a, b0);
-      acc[r][1] = Dot::fma(acc[r][1], a, b1);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
-    _mm512_storeu_ps(o + r * kQ, acc[r][0]);
-    _mm512_storeu_ps(o + r * kQ + 16, acc[r][1]);
   }
 }
 
@@ -202,6 +180,7 @@ struct Workspace {
 // O^T (unnormalised, into w.o) and the softmax sums (w.l) of queries [i0, i0 + kQ) of a head.
 template <class Dot>
 CMFAST_KERNEL void attend_queries(const Head<Dot>& h, int64_t i0, float c, Workspace<Dot>& w) {
+  constexpr int per = Dot::kPerWord;
   for (int64_t i = 0; i < h.d_pad * kQ; ++i) w.o[i] = 0.f;
   for (int i = 0; i < kQ; ++i) {
     w.m[i] = -INFINITY;
@@ -209,11 +188,12 @@ CMFAST_KERNEL void attend_queries(const Head<Dot>& h, int64_t i0, float c, Works
   }
   for (int64_t j0 = 0; j0 < h.k_pad; j0 += kKeys) {
     const int64_t keys = std::min<int64_t>(kKeys, h.k_pad - j0);
-    for (int64_t j = 0; j < keys; j += kRows)
-      scores<Dot>(h.q + i0 * Dot::kPerWord, h.q_row, h.k + (j0 + j) * h.D, h.D, w.s.get() + j * kQ);
+    for (int64_t j = 0; j < keys; j += kRows)  // S^T for kRows keys at a time
+      rows_times_block<Dot>(h.k + (j0 + j) * h.D, h.D, h.q + i0 * per, h.q_row, h.D / per, nullptr, w.s.get() + j * kQ);
     softmax<Dot>(w.s.get(), keys, std::min(keys, h.T - j0), c, w.m, w.l, w.alpha, w.p.get());
-    for (int64_t d = 0; d < h.d_pad; d += kRows)
-      weighted_values<Dot>(h.v + d * h.k_pad + j0, h.k_pad, w.p.get(), keys, w.alpha, w.o.get() + d * kQ);
+    for (int64_t d = 0; d < h.d_pad; d += kRows)  // O^T for kRows channels at a time
+      rows_times_block<Dot>(h.v + d * h.k_pad + j0, h.k_pad, w.p.get(), kQ * per, keys / per, w.alpha,
+                            w.o.get() + d * kQ);
   }
 }
 

@@ -97,6 +97,12 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 info = module.build_info()
 print(f"build_info: {info}")
+# attention: a CPU kernel only, registered where the CPU runs it (AVX-512).
+registered = torch._C._dispatch_has_kernel_for_dispatch_key("cmfast_C::attention", "CPU")
+runs = module.attention_cpu_kernels()
+print(f"  {'cmfast_C::attention':34s} CPU  kernel: {'yes' if registered else 'no'} (this CPU runs: {runs})")
+if registered != ("f32" in runs):
+    failed.append("cmfast_C::attention's CPU registration disagrees with the kernels this CPU runs")
 if not info.get("cuda"):
     failed.append("build_info() says the library was built without CUDA")
 if failed:
