@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import __version__, backends
-from ._extension import status as extension
+from ._extension import compiled, status as extension
 from .ops import IMPLEMENTED
 
 
@@ -40,6 +40,9 @@ def report() -> str:
         info = extension.build_info
         cuda = f"yes (CUDA runtime {info['cuda_runtime']}, archs {info['cuda_arch_list']})" if extension.cuda else "no"
         lines.append(f"cmfast._C: loaded; CPU part: yes ({info['cpu_flags']} flags); CUDA part: {cuda}")
+        kernels = compiled.attention_cpu_kernels()
+        lines.append("attention CPU kernels this CPU runs: " + (", ".join(kernels) if kernels else
+                     "none (they need AVX-512; the torch backend serves)"))
     else:
         lines.append(f"cmfast._C: off ({extension.reason})")
     forced = {op: backends.forced(op) for op in IMPLEMENTED if backends.forced(op)}
