@@ -3,7 +3,7 @@
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
 #   importlib_metadata from carried wheels), load the prebuilt cmfast._C or build it with its CUDA part in place,
 #   record `cmfast info`, nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in
-#   parallel processes), where the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the
+#   parallel processes), the CPU attention kernels' tests on this other CPU, where the host time of batch-1 kernel calls goes (benchmarks/host_overhead.py), the
 #   kernels at batch 1 and 64 with their torch.compile peers (and group_norm at batch 1 with the cluster kernel
 #   off), the ImageNet-64 U-Net and samplers in float16 and bfloat16 at batch 1, 16, 64, 256 (with diffusers and a
 #   CUDA-graph replay beside them), the compiled U-Net/pipeline peers at float16 batch 64, and the summaries. Every
@@ -159,9 +159,12 @@ export CMFAST_TEST_SEED=${CMFAST_TEST_SEED:-$((RANDOM * 32768 + RANDOM))}
 echo "test seed: CMFAST_TEST_SEED=$CMFAST_TEST_SEED"
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 120)  # one hung test must not eat the step
-"$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
+PARALLEL=()
+"$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
 read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
-step test-gpu 180 env OMP_NUM_THREADS=2 "${PYTEST[@]}" -m gpu "${TESTS[@]}"
+step test-gpu 180 env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${PARALLEL[@]}" -m gpu "${TESTS[@]}"
+# the CPU attention kernels (AVX-512 intrinsics) on this machine's CPU, another model than the dev machine's
+step test-cpu-attention 30 "${PYTEST[@]}" tests/test_attention.py -k "cpu_kernel or cpu_op"
 step host-overhead 45 "$PY" -m benchmarks.host_overhead --device "$DEVICE"  # batch-1 calls: host issue time, profile
 read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
 step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
