@@ -4,7 +4,9 @@ Preference on a tensor's device: CUDA C++ > Triton (on a GPU) > CPU C++ (on CPU 
 fused kernels on strided views, where an op has such a path) > reference (plain PyTorch, the ground truth).
 Which backends an op has is found, not declared: compiled kernels registered in cmfast._C, a Triton module
 cmfast/triton/<op>.py, and the Python paths the op module lists (`implemented`).
-Force one with the environment variable CMFAST_BACKEND=<name> (or per op: group_norm=cpu,attention=torch; read once,
+Unforced, the backend is the one measured fastest for the class of call (cmfast.tuning: timed once, recorded on
+disk), or this order where nothing was measured (CMFAST_TUNE=0, tiny calls, inside torch.compile or a CUDA graph
+capture). Force one with the environment variable CMFAST_BACKEND=<name> (or per op: group_norm=cpu,attention=torch; read once,
 at the first op call of the process) or `with cmfast.use_backend(name or {op: name}):` (the context manager wins). A forced backend that cannot run raises instead of falling back, so tests
 and benchmarks measure what they name. Triton runs on CPU tensors only when forced and TRITON_INTERPRET=1
 was set before triton was first imported (its CPU interpreter, for tests).
@@ -20,6 +22,7 @@ import os
 
 import torch
 
+from . import tuning
 from ._extension import status as extension
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
@@ -141,6 +144,27 @@ def choose(op: str, device: torch.device, implemented: tuple[str, ...] = BACKEND
             raise RuntimeError(f"backend {name!r} was forced for {op} but cannot run on {device}: {why}")
         return name
     return _preferred(device, implemented)
+
+
+def run(op: str, device: torch.device, implemented: tuple[str, ...], key: tuple, call, *, elements: int,
+        tune: bool = True):
+    """call(backend) on the backend that serves this call of `op`: the forced one; else the one measured fastest for
+    this class of call (`key`: dtype, layout, shape, ...; cmfast.tuning), timing the candidates the first time; else
+    the fixed order. `tune=False` (the registered op, which torch.compile and export call) never times."""
+    name = forced(op)
+    if name is not None:
+        return call(choose(op, device, implemented))
+    candidates = _candidates(device, implemented)
+    return tuning.choose(op, device, key + (torch.get_num_threads(),), candidates, _preferred(device, implemented),
+                         call, elements=elements, tune=tune)[1]
+
+
+@functools.cache
+def _candidates(device: torch.device, implemented: tuple[str, ...]) -> tuple[str, ...]:
+    """The backends a measurement compares on `device`: every available one but the reference (the slow ground
+    truth) and Triton off a GPU (its CPU interpreter is for tests)."""
+    return tuple(name for name in BACKENDS if name in implemented and name != "reference"
+                 and not (name == "triton" and device.type != "cuda") and availability(name, device)[0])
 
 
 @functools.cache

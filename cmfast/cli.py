@@ -9,7 +9,7 @@ import sys
 def _info(args: argparse.Namespace) -> int:
     from .info import report
 
-    print(report())
+    print(report(verbose=args.choices))
     return 0
 
 
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the torch/triton/CUDA versions, whether cmfast._C has its CPU and CUDA parts, "
         "and which backend each op runs on for CPU and (if present) CUDA tensors, with the reason.",
     )
+    info.add_argument("--choices", action="store_true",
+                      help="list every choice recorded by measurement, with its timings (else a summary per op)")
     info.set_defaults(func=_info)
     convert = sub.add_parser(
         "convert",
@@ -56,7 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_training(sub)
     _add_bench(sub)
+    _add_tune(sub)
     return parser
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="measure a model's calls ahead of time and record the fastest way to run each",
+        description="Run one forward of the model at each batch size, precision and layout with every class of call "
+        "(each op and convolution at its shape, dtype and layout) timed on each of its exact implementations, record "
+        "the fastest under the cache folder ($CMFAST_CACHE, else ~/.cache/cmfast; read by every later process on "
+        "this machine), and print the forward's time in the fixed order and with the measured choices.",
+    )
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint path, preset name (its architecture with random weights when its weights are not "
+                        "here) or digits, the built-in model (the default)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, fp16, bf16 (default fp32)")
+    p.add_argument("--layout", default="both", choices=["nchw", "channels_last", "both"],
+                   help="memory layout(s) to measure (default both, and say which is faster)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--again", action="store_true", help="measure anew what was recorded before, replacing it")
+    p.set_defaults(func=_run("run_tune"))
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:

@@ -271,3 +271,111 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"wrote {', '.join(str(out / n) for n in names)}: columns are the digits 0-9; the edits' rows are "
           "original, input, result")
     return 0
+
+
+def _random_weights(unet) -> None:
+    """Every parameter drawn (the reference zero-initialises some layers): timings of a model as it will run."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.dim() > 1 else 10))
+
+
+def tune_model(args: argparse.Namespace):
+    """The U-Net `cmfast tune` measures: the checkpoint's, or a preset's architecture with random weights when its
+    weights are not here (the timings depend on the shapes, not the values)."""
+    from .models import PRESETS, UNet
+
+    device = resolve_device(args.device)
+    name = args.checkpoint
+    if name in PRESETS and not Path(name).exists():
+        try:
+            return pretrained.find(name, device=device).unet, name, device
+        except FileNotFoundError:
+            with torch.device("meta"):
+                unet = UNet(PRESETS[name].unet)
+            unet = unet.to_empty(device=device).eval()
+            _random_weights(unet)
+            return unet, f"{name} (architecture, random weights)", device
+    model = pretrained.find(name, device=device)
+    return model.unet, model.name, device
+
+
+def _p50_ms(run, reps: int = 3) -> float:
+    import time
+
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm.auto import tqdm
+
+    from . import tuning
+
+    batches = _ints(args.batch, "--batch")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    from .models.unet import PRECISIONS
+
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch: expected positive batch sizes, got {args.batch!r}")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ValueError(f"--precision: expected some of {', '.join(PRECISIONS)} (comma-separated), got {args.precision!r}")
+    tuning.enabled()  # a bad CMFAST_TUNE is an error here too
+    unet, name, device = tune_model(args)
+    unet.requires_grad_(False)
+    c = unet.config
+    layouts = {"nchw": False, "channels_last": True} if args.layout == "both" else {args.layout: args.layout == "channels_last"}
+    saved = os.environ.get(tuning.TUNE_ENV)
+    print(f"cmfast tune: {name} on {tuning.device_name(device)} ({torch.get_num_threads()} threads), "
+          f"records in {tuning.path_for(tuning.device_name(device))}")
+    rows = []
+    jobs = [(p, b, lay) for p in precisions for b in batches for lay in layouts]
+    try:
+        with tqdm(total=len(jobs), unit="setting", desc="measuring") as bar, torch.no_grad():
+            for precision, batch, layout in jobs:
+                unet.set_precision(precision).set_channels_last(layouts[layout])
+                x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, device=device)
+                t = torch.full((batch,), 10.0, device=device)
+                y = torch.zeros(batch, dtype=torch.long, device=device) if c.num_classes else None
+                os.environ[tuning.TUNE_ENV] = "1"
+                before = len(tuning.recorded_choices(device))
+                with tuning.session("cmfast tune", again=args.again):
+                    unet(x, t, y)  # the measurements: each class of call once
+                measured = len(tuning.recorded_choices(device)) - before
+                tuned = _p50_ms(lambda: unet(x, t, y))
+                os.environ[tuning.TUNE_ENV] = "0"
+                fixed = _p50_ms(lambda: unet(x, t, y))
+                rows.append((precision, batch, layout, fixed, tuned, measured))
+                bar.update()
+    finally:
+        if saved is None:
+            os.environ.pop(tuning.TUNE_ENV, None)
+        else:
+            os.environ[tuning.TUNE_ENV] = saved
+    print(f"{'precision':<10}{'batch':>6}  {'layout':<14}{'fixed order':>12}{'measured':>10}{'speed-up':>9}  new records")
+    for precision, batch, layout, fixed, tuned, measured in rows:
+        print(f"{precision:<10}{batch:>6}  {layout:<14}{fixed:>9.1f} ms{tuned:>7.1f} ms{fixed / tuned:>8.2f}x  {measured}")
+    if len(layouts) > 1:
+        for precision in precisions:
+            for batch in batches:
+                by = {r[2]: r[4] for r in rows if r[:2] == (precision, batch)}
+                best = min(by, key=by.get)
+                print(f"{precision} batch {batch}: {best} is faster ({by['nchw']:.1f} vs {by['channels_last']:.1f} ms); "
+                      f"{'pass --channels-last' if best == 'channels_last' else 'keep the default layout'}")
+    changed = {}
+    for key, record in tuning.recorded_choices(device).items():
+        if record.get("source") == "cmfast tune" and record["choice"] != record.get("default", record["choice"]):
+            op = key.split(",")[0].strip("('")
+            changed.setdefault((op, record["default"], record["choice"]), []).append(record)
+    for (op, default, choice), records in sorted(changed.items()):
+        gain = sum(r["times_ms"][default] for r in records) / sum(r["times_ms"][choice] for r in records)
+        print(f"  {op}: {choice} instead of {default} for {len(records)} class(es) of call, {gain:.2f}x on those calls")
+    return 0

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__, backends
+from . import __version__, backends, tuning
 from ._extension import compiled, status as extension
 from .ops import IMPLEMENTED
 
@@ -18,7 +18,7 @@ def _devices() -> list[torch.device]:
     return devices
 
 
-def report() -> str:
+def report(verbose: bool = False) -> str:
     lines = [
         f"cmfast {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} "
@@ -60,4 +60,32 @@ def report() -> str:
             except RuntimeError as e:  # a forced backend that cannot run here
                 chosen = f"none ({e})"
             lines.append(f"    {op:<12} -> {chosen:<10} (kernels: {', '.join(implemented)})")
+        lines.extend(_measured(device, verbose))
     return "\n".join(lines)
+
+
+def _measured(device: torch.device, verbose: bool) -> list[str]:
+    """The choices recorded by measurement for `device` (cmfast.tuning), summarised per op or listed."""
+    try:
+        on = tuning.enabled()
+    except ValueError as e:
+        return [f"    measured choices: off ({e})"]
+    records = tuning.recorded_choices(device)
+    state = "on" if on else f"off ({tuning.TUNE_ENV}=0: the fixed order above)"
+    lines = [f"    measured choices ({state}): {len(records)} recorded in {tuning.path_for(tuning.device_name(device))}"]
+    summary: dict = {}
+    for key, record in records.items():
+        op = key.split(",")[0].strip("('\"")
+        entry = summary.setdefault((op, record["choice"], record.get("source", "?")), [0, 0.0, 0.0])
+        entry[0] += 1
+        default = record.get("default")
+        if default in record["times_ms"]:
+            entry[1] += record["times_ms"][default]
+            entry[2] += record["times_ms"][record["choice"]]
+        if verbose:
+            times = ", ".join(f"{n} {t:.3f} ms" for n, t in record["times_ms"].items())
+            lines.append(f"      {key} -> {record['choice']} ({times}; {record.get('source', '?')}, {record.get('when', '?')})")
+    for (op, choice, source), (count, fixed, chosen) in sorted(summary.items()):
+        gain = f", {fixed / chosen:.2f}x the fixed order's time on those calls" if chosen else ""
+        lines.append(f"      {op:<12} {choice:<8} {count:>4} class(es) of call (from {source}{gain})")
+    return lines

@@ -4,8 +4,11 @@ before triton is first imported (so here, before any test module imports cmfast)
 Random inputs are fresh each session: the seed is printed in the header; rerun a failure with
 CMFAST_TEST_SEED=<seed>."""
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import pytest
@@ -14,6 +17,10 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The fixed backend order unless a test turns measurement on (tests/test_tuning.py), and never the user's cache.
+os.environ.setdefault("CMFAST_TUNE", "0")
+os.environ["CMFAST_CACHE"] = tempfile.mkdtemp(prefix="cmfast-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CMFAST_CACHE"], True)
 
 from cmfast import backends  # noqa: E402
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from .config import UNetConfig
+from .conv import Conv2d
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -64,11 +65,11 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, *, scale_shift, dropout=0.0, up=False, down=False):
         super().__init__()
         self.scale_shift, self.up, self.down = scale_shift, up, down
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb_act):
         """emb_act: SiLU of the time(+label) embedding, shared by every block (emb_layers.0 is that SiLU)."""
@@ -83,7 +84,7 @@ class ResBlock(nn.Module):
             h = norm(h, scale=scale, shift=shift, silu=True)
         else:
             h = norm(h + e[:, :, None, None], silu=True)
-        return self.skip_connection(x) + conv(dropout(h))
+        return conv(dropout(h), add=self.skip_connection(x))  # skip(x) + conv(h), the add fused where it can be
 
 
 class AttentionBlock(nn.Module):
@@ -95,12 +96,12 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"num_head_channels: {num_head_channels} does not divide {channels} channels")
         self.num_heads = channels // num_head_channels
         self.norm = GroupNorm32(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.qkv = Conv2d(channels, 3 * channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x, emb_act=None):
         qkv = self.qkv(self.norm(x))
-        return x + self.proj_out(ops.attention(qkv, self.num_heads))
+        return self.proj_out(ops.attention(qkv, self.num_heads), add=x)
 
 
 class Block(nn.ModuleList):
@@ -135,7 +136,7 @@ class UNet(nn.Module):
             return ResBlock(cin, emb, cout, scale_shift=c.use_scale_shift_norm, dropout=c.dropout, **kw)
 
         ch = c0 * c.channel_mult[0]
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, ch, 3, padding=1)])])
         skips = [ch]
         last = len(c.channel_mult) - 1
         for level, (mult, attn) in enumerate(zip(c.channel_mult, c.attention_levels)):
@@ -161,7 +162,7 @@ class UNet(nn.Module):
                 if level and i == c.num_res_blocks:
                     layers.append(res(ch, ch, up=True))
                 self.output_blocks.append(Block(layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
         self.precision = "fp32"
         self.channels_last = False
 

@@ -142,16 +142,21 @@ def kernel_layout(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.contiguous()
 
 
-def _run(qkv, num_heads) -> torch.Tensor:
+def _run(qkv, num_heads, tune=True) -> torch.Tensor:
     qkv = kernel_layout(qkv)
     out = output_like(qkv)
-    _impl(backends.choose("attention", qkv.device, IMPLEMENTED))(qkv, num_heads, out)
-    return out
+
+    def call(backend):
+        _impl(backend)(qkv, num_heads, out)
+        return out
+
+    key = (qkv.dtype, qkv.is_contiguous(), tuple(qkv.shape), num_heads)
+    return backends.run("attention", qkv.device, IMPLEMENTED, key, call, elements=out.numel(), tune=tune)
 
 
 @torch.library.custom_op("cmfast::attention", mutates_args=())
 def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return _run(qkv, num_heads)
+    return _run(qkv, num_heads, tune=False)  # compiled graphs and exports: a recorded choice, else the fixed order
 
 
 @_attention_op.register_fake

@@ -102,21 +102,29 @@ def _prologue_impl(backend: str):
 # ---- the implementations, and the registered ops around them (torch.ops.cmfast.*: what torch.compile sees) -----------------------
 
 
-def _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp) -> torch.Tensor:
+def _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, tune=True) -> torch.Tensor:
     out = output_like(x)
     x = laid_out_like(x, out)
     model_output = laid_out_like(model_output, out)
     sigma = sigma.to(torch.float32).contiguous()
-    kernel = _epilogue_impl(backends.choose("consistency", x.device, IMPLEMENTED))
-    kernel(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
-    return out
+
+    def call(backend):
+        _epilogue_impl(backend)(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
+        return out
+
+    return _dispatch("epilogue", x, call, tune)
+
+
+def _dispatch(part: str, x: torch.Tensor, call, tune: bool):
+    key = (part, x.dtype, x.is_contiguous(), tuple(x.shape))
+    return backends.run("consistency", x.device, IMPLEMENTED, key, call, elements=x.numel(), tune=tune)
 
 
 @torch.library.custom_op("cmfast::consistency_epilogue", mutates_args=())
 def _epilogue_op(
     x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor, sigma_data: float, sigma_min: float, clamp: bool
 ) -> torch.Tensor:
-    return _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp)
+    return _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, tune=False)
 
 
 @_epilogue_op.register_fake
@@ -124,18 +132,22 @@ def _(x, model_output, sigma, sigma_data, sigma_min, clamp):
     return output_like(x)
 
 
-def _run_prologue(x, sigma, sigma_data) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_prologue(x, sigma, sigma_data, tune=True) -> tuple[torch.Tensor, torch.Tensor]:
     out = output_like(x)
     x = laid_out_like(x, out)
     sigma = sigma.to(torch.float32).contiguous()
     t_in = torch.empty(sigma.shape, dtype=torch.float32, device=x.device)
-    _prologue_impl(backends.choose("consistency", x.device, IMPLEMENTED))(x, sigma, sigma_data, out, t_in)
-    return out, t_in
+
+    def call(backend):
+        _prologue_impl(backend)(x, sigma, sigma_data, out, t_in)
+        return out, t_in
+
+    return _dispatch("prologue", x, call, tune)
 
 
 @torch.library.custom_op("cmfast::consistency_prologue", mutates_args=())
 def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run_prologue(x, sigma, sigma_data)
+    return _run_prologue(x, sigma, sigma_data, tune=False)
 
 
 @_prologue_op.register_fake

@@ -69,14 +69,17 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to(torch.float32).contiguous()
 
 
-def _run(x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
-    backend = backends.choose("group_norm", x.device, IMPLEMENTED)
-    if backend in ("cpu", "cuda"):  # all of the below in one C++ call (small shapes are overhead-bound)
-        return compiled.group_norm(x, weight, bias, scale, shift, num_groups, eps, silu)
-    x = kernel_layout(x)
-    out = torch.empty_like(x)
-    _impl(backend)(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
-    return out
+def _run(x, weight, bias, scale, shift, num_groups, eps, silu, tune=True) -> torch.Tensor:
+    def call(backend):
+        if backend in ("cpu", "cuda"):  # all of the below in one C++ call (small shapes are overhead-bound)
+            return compiled.group_norm(x, weight, bias, scale, shift, num_groups, eps, silu)
+        xk = kernel_layout(x)
+        out = torch.empty_like(xk)
+        _impl(backend)(xk, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
+        return out
+
+    key = (x.dtype, x.is_contiguous(), tuple(x.shape), num_groups, scale is not None, silu)
+    return backends.run("group_norm", x.device, IMPLEMENTED, key, call, elements=x.numel(), tune=tune)
 
 
 @torch.library.custom_op("cmfast::group_norm", mutates_args=())
@@ -90,7 +93,7 @@ def _group_norm_op(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    return _run(x, weight, bias, scale, shift, num_groups, eps, silu)
+    return _run(x, weight, bias, scale, shift, num_groups, eps, silu, tune=False)  # compiled: recorded or fixed
 
 
 @_group_norm_op.register_fake

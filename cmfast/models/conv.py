@@ -1,0 +1,110 @@
+"""The U-Net's convolutions, each run the way measured fastest for its class of call (cmfast.tuning):
+
+- "conv": torch's convolution (oneDNN on the CPU, cuDNN on a GPU), as the reference runs it;
+- "packed" (CPU, channels_last: oneDNN returns channels_last whatever it is given, and a layout the user did
+  not ask for is not the op's to pick): oneDNN's convolution on weights reordered once into the blocked layout oneDNN picks for this
+  input shape. torch's eager convolution reorders the weights on every call, which dominates where the weights
+  outweigh the activations (2 Sapphire Rapids cores, bf16, 1x768x8x8 3x3: 1.44 ms eager, 0.48 ms packed), and
+  at other shapes costs (4x384x64x64 bf16 3x3: 36 ms eager, 99 ms packed), hence a measured choice per shape;
+- "matmul" (1x1 convolutions: attention's qkv and proj_out, the skip connections): the same product as a matrix
+  multiplication on the same weights, as diffusers runs its attention projections.
+
+All three compute the same sums (fp32 accumulation; only the order of additions differs). Under autograd,
+torch.compile or export the module is a plain nn.Conv2d.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import tuning
+
+
+@functools.cache
+def packed_available() -> bool:
+    """Whether this torch has oneDNN's prepacked convolution ops (its CPU builds with mkldnn do)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_convolution_weight  # noqa: B018 (looked up: raises where the op is missing)
+        torch.ops.mkldnn._convolution_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and state-dict names) whose inference calls run the measured-fastest way."""
+
+    _packed: tuple | None = None  # (input shape, weight identity, packed weight) for "packed"
+
+    def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
+        names = ["conv"]
+        pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+        if pointwise and x.dim() == 4:
+            names.append("matmul")
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _channels_last(x)
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and packed_available()):
+            names.append("packed")
+        return tuple(names)
+
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x), plus `add` (the residual: same shape as the output) when given, fused where the kernel can."""
+        if (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
+                or torch.compiler.is_compiling() or x.dtype != self.weight.dtype:
+            out = super().forward(x)
+            return out if add is None else add + out
+        candidates = self.candidates(x)
+        if add is not None and add.stride() != _output_strides(x, add):
+            candidates = tuple(c for c in candidates if c != "packed")  # the fused add wants the output's layout
+        key = (x.dtype, x.is_contiguous(), tuple(x.shape), tuple(self.weight.shape), self.stride, self.padding,
+               self.groups, add is not None, torch.get_num_threads())
+        name, out = tuning.choose("conv2d", x.device, key, candidates, "conv", functools.partial(self._run, x, add),
+                                  elements=x.numel() + self.weight.numel())
+        if name != "packed":
+            self._packed = None  # only the modules that run packed keep a second copy of their weights
+        return out
+
+    def _run(self, x: torch.Tensor, add: torch.Tensor | None, how: str) -> torch.Tensor:
+        if how == "packed":
+            return self._packed_conv(x, add)
+        out = self._matmul(x) if how == "matmul" else super().forward(x)
+        return out if add is None else add + out
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        weight = self.weight.view(self.out_channels, channels)
+        if _channels_last(x):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: (B*H*W, C)
+            out = F.linear(rows, weight, self.bias)
+            return out.view(batch, height, width, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns
+        out = torch.matmul(weight, x.reshape(batch, channels, -1))
+        if self.bias is not None:
+            out += self.bias.view(-1, 1)
+        return out.view(batch, -1, height, width)
+
+    def _packed_conv(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        shape = tuple(x.shape)
+        identity = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        if self._packed is None or self._packed[:2] != (shape, identity):
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape))
+            self._packed = (shape, identity, packed)
+        args = (self._packed[2], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", None, None, [], None)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _output_strides(x: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
+    """The strides of a dense output of out's shape in x's memory layout (what the convolution returns)."""
+    b, c, h, w = out.shape
+    return (h * w * c, 1, w * c, c) if _channels_last(x) else (c * h * w, h * w, w, 1)
