@@ -23,9 +23,11 @@ usage: python -m benchmarks.bench_sampling [runner options] (see python -m bench
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,7 +39,8 @@ from cmfast.models.unet import AttentionBlock
 
 NAME = "sampling"
 BENCHMARKS = ("unet_forward", "sample_1step", "sample_2step")
-PEERS = ("cmfast-reference", "diffusers", "diffusers-compile", "diffusers-pipeline", "diffusers-pipeline-compile")
+PEERS = ("cmfast-reference", "diffusers", "diffusers-channels-last", "diffusers-autocast-channels-last",
+         "diffusers-compile", "diffusers-pipeline", "diffusers-pipeline-channels-last", "diffusers-pipeline-compile")
 # preset -> the diffusers scheduler's num_train_timesteps (SPEC.md section 2) and the two-step schedule
 IMAGENET = ("cd_imagenet64_l2", 40, [22, 0])
 LSUN = ("ct_bedroom256", 151, None)
@@ -74,6 +77,9 @@ class Models:
     pipe_cmfast: object = None  # the same pipeline with cmfast.swap(unet) inside
     compiled: dict | None = None  # "cmfast-compile" / "diffusers-compile" -> torch.compile of that U-Net
     pipe_compiled: object = None  # the pipeline with the compiled UNet2DModel inside
+    pipe_cl: object = None  # the pipeline with the channels_last UNet2DModel inside
+    diffusers_cl: object = None  # a copy in channels_last (what a user tuning it on a CPU or GPU tries first)
+    autocast: object = None  # for half dtypes: a float32 copy in channels_last, run under torch.autocast
     warm: set = field(default_factory=set)  # (eager U-Net "cmfast" / "diffusers", batch) already run on this CPU
 
     def timing(self, session, model: str, batch: int):
@@ -112,10 +118,15 @@ def build(spec, session, dtype) -> Models:
         session.log("  diffusers is not installed: its providers are left out")
         unet = _random_cmfast_unet(preset, device, dtype)
     models = Models(preset, config.image_size, config.num_classes, unet, dm, pipe, pipe_cmfast)
+    if dm is not None:
+        models.diffusers_cl = copy.deepcopy(dm).to(memory_format=torch.channels_last)
+        models.pipe_cl = pipeline(models.diffusers_cl)
+        if dtype != torch.float32:
+            models.autocast = copy.deepcopy(dm).float().to(memory_format=torch.channels_last)
     if session.compile_models and not session.quick:
         models.compiled = {"cmfast-compile": session.compile(unet)}
-        if dm is not None:
-            models.compiled["diffusers-compile"] = session.compile(dm)
+        if dm is not None:  # the channels_last copy: the faster layout eager, and what a tuned user compiles
+            models.compiled["diffusers-compile"] = session.compile(models.diffusers_cl)
             models.pipe_compiled = pipeline(models.compiled["diffusers-compile"])
     return models
 
@@ -143,13 +154,18 @@ def analyse(models: Models, device) -> Analysis:
     hooks = [m.register_forward_pre_hook(on_conv) for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     hooks += [m.register_forward_pre_hook(on_attention) for m in unet.modules() if isinstance(m, AttentionBlock)]
     x, t, y = unet_inputs(models, 1, device)
+    saved = os.environ.get(cmfast.tuning.TUNE_ENV)
+    os.environ[cmfast.tuning.TUNE_ENV] = "0"  # plain convolutions, each counted once (a measurement runs several)
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             unet(x, t, y)
     finally:
         for h in hooks:
             h.remove()
-    models.warm.add(("cmfast", 1))
+        if saved is None:
+            os.environ.pop(cmfast.tuning.TUNE_ENV)
+        else:
+            os.environ[cmfast.tuning.TUNE_ENV] = saved
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     conv = counts.get("aten.convolution", 0)
     return Analysis(counter.get_total_flops() + attention_flop[0], conv, convs)
@@ -199,6 +215,8 @@ def cuda_graph(fn, device):
 
 
 def _backends_note(session) -> str:
+    if cmfast.tuning.enabled():
+        return "choices by measurement (cmfast.tuning, recorded in this run's cache)"
     return " ".join(f"{op}={session.default_backend(op)}" for op in ("group_norm", "attention", "consistency"))
 
 
@@ -223,7 +241,7 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
         record("cmfast-reference", lambda: unet(x, t, y), "every op on its reference backend")
     unet.set_channels_last(True)
     try:
-        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session))
+        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session), model="cmfast-channels-last")
         if session.gpu:
             try:
                 replay = cuda_graph(lambda: unet(x, t, y), device)
@@ -239,10 +257,20 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
     if dm is not None:
         record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel",
                model="diffusers")
+        cl = models.diffusers_cl
+        record("diffusers-channels-last", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
+               "UNet2DModel in channels_last", model="diffusers-channels-last")
+    if models.autocast is not None:
+        def autocast_call(m=models.autocast):
+            with torch.autocast(device.type, dtype=dtype):
+                return m(x, t_model, class_labels=y, return_dict=False)[0]
+
+        record("diffusers-autocast-channels-last", autocast_call,
+               f"float32 UNet2DModel in channels_last under torch.autocast({dtype})", model="diffusers-autocast")
     for provider, compiled in (models.compiled or {}).items():
         if provider == "diffusers-compile":
             record(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
-                   "torch.compile(UNet2DModel)")
+                   "torch.compile(UNet2DModel in channels_last)")
         else:
             record(provider, lambda c=compiled: c(x, t, y), "torch.compile(cmfast.UNet)")
     record("convs-only", convs_only(analysis, batch, device),
@@ -275,12 +303,15 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
         return lambda: pipe(batch_size=batch, class_labels=y, generator=gen, output_type="pt", **steps).images
 
     # provider -> (call, note, the eager U-Net inside it or None)
-    providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session), "cmfast")}
+    providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session), "cmfast"),
+                 "cmfast-channels-last": (cmfast_call(models.unet), _backends_note(session), "cmfast-channels-last")}
     if session.gpu:
         providers["cmfast-cuda-graph"] = (cmfast_call(models.unet, cuda_graph=True),
                                           "Denoiser(unet, cuda_graph=True); " + _backends_note(session), None)
     if models.pipe is not None:
         providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline", "diffusers")
+        providers["diffusers-pipeline-channels-last"] = (pipe_call(models.pipe_cl), "its unet in channels_last",
+                                                         "diffusers-channels-last")
         providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",
                                                   "cmfast")
     if models.compiled:
@@ -291,8 +322,12 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
                                                    None)
     for provider, (fn, note, model) in providers.items():
         timing = models.timing(session, model, batch) if model else session.model_timing
-        session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch, timing=timing, flop=flop,
-                       note=note)
+        models.unet.set_channels_last(provider == "cmfast-channels-last")  # for the whole measurement
+        try:
+            session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch, timing=timing, flop=flop,
+                           note=note)
+        finally:
+            models.unet.set_channels_last(False)
 
 
 def run(session) -> None:

@@ -1,5 +1,7 @@
 """A results CSV as short markdown tables, one per benchmark: p50 (ms) of every provider per shape and dtype, then
-the best cmfast provider's achieved rate as a fraction of the ceiling, and its speed-up over the main peer.
+the best cmfast provider's achieved rate as a fraction of the ceiling, and its speed-up over the main (eager) peer and
+over the fastest peer of the same shape and dtype in the run ("vs best peer": every configuration of the peers a user
+tuning them would try, torch.compile included; the "+cmfast" pipeline and convs-only are not peers).
 
 usage: python -m benchmarks.summary [CSV] [--write [--readme README.md]]
 CSV defaults to the newest file in benchmarks/results. --write replaces the text between the markers
@@ -33,8 +35,8 @@ def _table(benchmark: str, rows: list[dict]) -> list[str]:
     peer = MAIN_PEER.get(benchmark, "torch-eager")
     ceilings = "; ".join(dict.fromkeys(r["ceiling"] for r in rows if r["ceiling"]))  # one per dtype for FLOP/s
     lines = [f"**{benchmark}** (p50 ms; rate in {unit}, ceiling {ceilings or 'n/a'})", "",
-             "| shape | dtype | " + " | ".join(providers) + f" | best cmfast: {unit} (of ceiling) | vs {peer} |",
-             "|---|---|" + "---:|" * (len(providers) + 2)]
+             "| shape | dtype | " + " | ".join(providers) + f" | best cmfast: {unit} (of ceiling) | vs {peer} | vs best peer |",
+             "|---|---|" + "---:|" * (len(providers) + 3)]
     groups: dict[tuple, dict] = {}
     for r in rows:
         groups.setdefault((r["shape"], r["dtype"]), {})[r["provider"]] = r
@@ -47,14 +49,19 @@ def _table(benchmark: str, rows: list[dict]) -> list[str]:
             cells.append(f"**{text}**" if r is fastest else text)
         mine = [r for p, r in by_provider.items() if p.startswith("cmfast") and "compile" not in p]
         best = min(mine, key=lambda r: float(r["p50_ms"])) if mine else None
-        rate = vs = ""
+        rate = vs = vs_best = ""
+        peers = [r for p, r in by_provider.items() if not p.startswith("cmfast") and p != "convs-only"
+                 and not p.endswith("+cmfast")]
+        if best is not None and peers:
+            top = min(peers, key=lambda r: float(r["p50_ms"]))
+            vs_best = f"{float(top['p50_ms']) / float(best['p50_ms']):.2f}x ({top['provider']})"
         if best is not None:
             value = _float(best["gb_per_s"]) if unit == "GB/s" else _float(best["tflop_per_s"])
             fraction = _float(best["fraction_of_ceiling"])
             rate = f"{value:.3g}" + (f" ({fraction:.0%})" if fraction is not None else "") if value is not None else ""
             if peer in by_provider:
                 vs = f"{float(by_provider[peer]['p50_ms']) / float(best['p50_ms']):.2f}x ({best['provider']})"
-        lines.append(f"| {shape} | {dtype} | " + " | ".join(cells) + f" | {rate} | {vs} |")
+        lines.append(f"| {shape} | {dtype} | " + " | ".join(cells) + f" | {rate} | {vs} | {vs_best} |")
     return lines
 
 

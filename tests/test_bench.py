@@ -148,3 +148,22 @@ def test_host_overhead_times_every_provider_and_profiles(capsys):
         assert set(peers) <= providers and any(p.startswith("cmfast-") for p in providers)
         assert all(float(line.split()[-1]) > 0 for line in rows)  # no provider failed
     assert out.count("-- profile of cmfast-") == len(host_overhead.CASES)
+
+
+def test_summary_best_peer_column(tmp_path):
+    """Each row's best cmfast provider against the fastest peer of the same shape and dtype (compiled and
+    channels_last peers included; the cmfast-inside pipeline and convs-only are not peers), beside the eager one."""
+    from benchmarks.common import Row, write_csv
+
+    def row(provider, ms, dtype="bfloat16"):
+        return Row("unet_forward", provider, "m:1x3x8x8", dtype, 1, "cpu x", ms, ms, ms, tflop_per_s=1.0,
+                   fraction_of_ceiling=0.5, ceiling="matmul 2 TFLOP/s")
+
+    rows = [row("cmfast", 300.0), row("cmfast-channels-last", 200.0), row("diffusers", 330.0),
+            row("diffusers-channels-last", 260.0), row("diffusers-compile", 250.0), row("convs-only", 100.0),
+            row("diffusers-pipeline+cmfast", 150.0), row("cmfast", 900.0, "float32"), row("diffusers", 990.0, "float32")]
+    path = write_csv(rows, tmp_path / "small.csv")
+    lines = [line for line in markdown(path).splitlines() if line.startswith("| m:")]
+    bf16, fp32 = lines
+    assert bf16.endswith("| 1.65x (cmfast-channels-last) | 1.25x (diffusers-compile) |")
+    assert fp32.endswith("| 1.10x (cmfast) | 1.10x (diffusers) |")

@@ -107,3 +107,54 @@ def test_existing_output_is_kept(checkpoint, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["sample", checkpoint, "--num", "3", "--seed", "1", "--out", str(out), "--force"]) == 0
     assert npz(out)["arr_0"].shape[0] == 3
+
+
+# ---- cmfast tune -------------------------------------------------------------------------------------------
+
+
+def test_tune_records_choices_and_reports(checkpoint, tmp_path, monkeypatch, capsys):
+    from cmfast import tuning
+
+    monkeypatch.setenv("CMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "TINY_ELEMENTS", 0)  # the test model's calls are all tiny
+    tuning.forget()
+    try:
+        assert main(["tune", checkpoint, "--batch", "1,2", "--precision", "fp32,bf16", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"fp32\s+2\s+channels_last\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+x\s+\d+", out), out
+        assert "is faster" in out
+        records = tuning.recorded_choices(torch.device("cpu"))
+        assert records and all(r["source"] == "cmfast tune" for r in records.values())
+        assert tuning.path_for(tuning.device_name(torch.device("cpu"))).is_file()
+        timed = tuning.stats["timed"]
+        assert main(["tune", checkpoint, "--batch", "1", "--layout", "nchw", "--device", "cpu"]) == 0
+        assert tuning.stats["timed"] == timed  # recorded already: nothing measured again
+        assert main(["tune", checkpoint, "--batch", "1", "--layout", "nchw", "--device", "cpu", "--again"]) == 0
+        assert tuning.stats["timed"] > timed
+        assert main(["info", "--choices"]) == 0
+        assert "from cmfast tune" in capsys.readouterr().out
+    finally:
+        tuning.forget()
+    assert "CMFAST_TUNE" not in __import__("os").environ or __import__("os").environ["CMFAST_TUNE"] == "0"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch: expected positive batch sizes"),
+    (["--batch", "a"], "--batch: expected comma-separated integers"),
+    (["--precision", "fp8"], "--precision: expected some of fp32, fp16, bf16"),
+    (["--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
+])
+def test_tune_bad_input(checkpoint, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("CMFAST_CACHE", str(tmp_path / "cache"))
+    assert main(["tune", checkpoint, *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before anything was measured or written
+
+
+def test_tune_bad_environment(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CMFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CMFAST_TUNE", "maybe")
+    assert main(["tune", checkpoint]) == 2
+    assert "CMFAST_TUNE: expected 0" in capsys.readouterr().err
+    assert main(["info"]) == 0  # info reports it instead of failing
+    assert "CMFAST_TUNE: expected 0" in capsys.readouterr().out
