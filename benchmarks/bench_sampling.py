@@ -2,7 +2,8 @@
 architecture), and one-step sampling at LSUN-256 (ct_bedroom256's), with random weights (every parameter drawn,
 none left at zero), the same weights in every provider.
 
-unet_forward providers: cmfast (the backends cmfast picks), cmfast-channels-last, cmfast-reference (the same U-Net
+unet_forward providers: cmfast (as cmfast.load / cmfast.swap give it: backends, convolutions and memory layout chosen
+by measurement, cmfast.tuning), cmfast-channels-last (the layout forced), cmfast-reference (the same U-Net
 with the reference backend forced for every op: the reference-style eager model), on a GPU cmfast-cuda-graph (the
 channels_last forward captured once in a CUDA graph and replayed: no launch overhead), diffusers (UNet2DModel), and
 convs-only: the U-Net's convolutions alone, each run on an input of the shape it gets in the forward, one after the
@@ -253,7 +254,7 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
                        + _backends_note(session))
                 del replay
     finally:
-        unet.set_channels_last(False)
+        unet.set_channels_last(None)  # as cmfast.load leaves it: the layout measured faster
     if dm is not None:
         record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel",
                model="diffusers")
@@ -322,12 +323,12 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
                                                    None)
     for provider, (fn, note, model) in providers.items():
         timing = models.timing(session, model, batch) if model else session.model_timing
-        models.unet.set_channels_last(provider == "cmfast-channels-last")  # for the whole measurement
+        models.unet.set_channels_last(True if provider == "cmfast-channels-last" else None)  # for the whole measurement
         try:
             session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch, timing=timing, flop=flop,
                            note=note)
         finally:
-            models.unet.set_channels_last(False)
+            models.unet.set_channels_last(None)
 
 
 def run(session) -> None:

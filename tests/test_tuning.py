@@ -258,3 +258,51 @@ def test_unet_with_measured_choices_matches_fixed_order(tune, precision):
     os.environ["CMFAST_TUNE"] = "0"
     fixed = unet(x, t, y)
     torch.testing.assert_close(tuned, fixed, **TOLERANCE[torch.float32 if precision == "fp32" else torch.bfloat16])
+
+
+# ---- the memory layout, where the user did not choose one -----------------------------------------------------
+
+
+def small_unet(precision="fp32"):
+    torch.manual_seed(2)
+    unet = cmfast.UNet(PRESETS["test_imagenet"].unet).eval().set_precision(precision)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+        p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.dim() > 1 else 3))
+    return unet
+
+
+def test_layout_measured_where_not_chosen(tune, monkeypatch):
+    unet = small_unet()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([5.0, 50.0]), torch.tensor([3, 7])
+    want = unet(x, t, y)  # NCHW, as constructed
+    unet.set_channels_last(None)
+    monkeypatch.setattr(tuning, "TINY_ELEMENTS", 0)
+    got = unet(x, t, y)
+    records = {k: r for k, r in tuning.recorded_choices(DEVICE).items() if k.startswith("('layout'")}
+    assert len(records) == 1 and set(next(iter(records.values()))["times_ms"]) == {"nchw", "channels_last"}
+    assert got.is_contiguous()  # NCHW out whatever ran inside
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    timed = tune()["timed"]
+    torch.testing.assert_close(unet(x, t, y), want, rtol=1e-5, atol=1e-5)
+    assert tune()["timed"] == timed  # recorded: not measured again
+
+
+def test_layout_fixed_order_and_reference(monkeypatch):
+    unet = small_unet().set_channels_last(None)
+    x, t, y = torch.randn(1, 3, 32, 32), torch.tensor([5.0]), torch.tensor([3])
+    before = dict(tuning.stats)
+    unet(x, t, y)  # CMFAST_TUNE=0 (the test default): NCHW, nothing measured
+    with cmfast.use_backend("reference"):
+        monkeypatch.setenv("CMFAST_TUNE", "1")
+        unet(x, t, y)  # the reference forced: plain convolutions, NCHW, nothing measured
+    assert tuning.stats == before and not getattr(unet, "_weights_cl", False)
+
+
+def test_layout_under_torch_compile(tune):
+    unet = small_unet().set_channels_last(None)
+    x, t, y = torch.randn(1, 3, 32, 32), torch.tensor([5.0]), torch.tensor([3])
+    compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    got = compiled(x, t, y)
+    assert tune()["timed"] == 0
+    torch.testing.assert_close(got, unet._forward(x, t, y, channels_last=False), rtol=1e-4, atol=1e-4)

@@ -200,14 +200,17 @@ def test_gpu_backends_match_diffusers(name, mix, precision, gen):
     assert err <= TOLERANCE[precision], f"relative error {err:.3g} > {TOLERANCE[precision]:g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_upsample_is_torchs_nearest(layout, gen):
+def test_upsample_is_torchs_nearest(layout, dtype, gen):
     from cmfast.models.unet import upsample_nearest2x
 
-    x = torch.randn(2, 5, 3, 4, generator=gen)
+    x = torch.randn(2, 5, 3, 4, generator=gen).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
-        x = torch.randn(2, 5, 3, 8, generator=gen)[..., ::2]
+        x = torch.randn(2, 5, 3, 8, generator=gen).to(dtype)[..., ::2]
     got = upsample_nearest2x(x)
     assert torch.equal(got, torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    if layout == "channels_last":  # the layout is kept: no flip between the U-Net's ops
+        assert got.is_contiguous(memory_format=torch.channels_last)

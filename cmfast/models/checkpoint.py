@@ -134,11 +134,13 @@ def _precision(dtype) -> str:
     raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
 
-def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool = False) -> UNet:
+def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool | None = None) -> UNet:
     """A cmfast U-Net with the weights of `source` (path to .pt / .safetensors / diffusers folder, or a state dict).
 
     config: None (recorded in the source, else inferred from the weights' shapes), a preset name, or a UNetConfig.
     dtype: None or torch.float32; torch.float16 for the reference's fp16 mode; torch.bfloat16 likewise in bf16.
+    channels_last: True or False to run in that memory layout; None (default): the layout measured faster for each
+    input shape on this machine (UNet.set_channels_last(None)); outputs are NCHW either way.
     """
     precision = _precision(dtype)
     state, recorded = read(source)
@@ -156,8 +158,7 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool =
         model = UNet(config)
     model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, assign=True)
     model.set_precision(precision)
-    if channels_last:
-        model.set_channels_last()
+    model.set_channels_last(channels_last)
     return model.eval()
 
 

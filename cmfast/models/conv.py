@@ -10,7 +10,7 @@
   multiplication on the same weights, as diffusers runs its attention projections.
 
 All three compute the same sums (fp32 accumulation; only the order of additions differs). Under autograd,
-torch.compile or export the module is a plain nn.Conv2d.
+torch.compile or export, and with the reference backend forced for every op, the module is a plain nn.Conv2d.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import tuning
+from .. import backends, tuning
 
 
 @functools.cache
@@ -55,7 +55,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x), plus `add` (the residual: same shape as the output) when given, fused where the kernel can."""
         if (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
-                or torch.compiler.is_compiling() or x.dtype != self.weight.dtype:
+                or torch.compiler.is_compiling() or x.dtype != self.weight.dtype or backends.forced() == "reference":
             out = super().forward(x)
             return out if add is None else add + out
         candidates = self.candidates(x)
@@ -73,7 +73,7 @@ class Conv2d(nn.Conv2d):
         if how == "packed":
             return self._packed_conv(x, add)
         out = self._matmul(x) if how == "matmul" else super().forward(x)
-        return out if add is None else add + out
+        return out if add is None else out.add_(add)  # in place on the fresh output: add + out, no new buffer
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

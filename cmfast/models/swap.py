@@ -43,9 +43,10 @@ class DiffusersUNet(nn.Module):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def swap(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
+def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """A cmfast U-Net with `model`'s weights: for a diffusers UNet2DModel, wrapped in its interface; for an openai
-    UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None))."""
+    UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None)).
+    channels_last: as cmfast.load (None: the layout measured faster, outputs NCHW)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     param = next(model.parameters(), None)

@@ -10,12 +10,13 @@ GroupNorm affine parameters and the output head stay fp32 (GroupNorm statistics 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import backends, ops, tuning
 from .config import UNetConfig
 from .conv import Conv2d
 
@@ -43,11 +44,18 @@ class GroupNorm32(nn.GroupNorm):
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    """F.interpolate(x, scale_factor=2, mode="nearest"), exactly. torch's CPU kernel is slow on NCHW tensors (2.7 ms
-    for 1x1152x16x16 on 2 threads; channels_last: 0.05 ms); a broadcast copy does it in 0.9 ms."""
-    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
-        b, c, h, w = x.shape
+    """F.interpolate(x, scale_factor=2, mode="nearest"), exactly, as one broadcast copy on the CPU. torch's CPU kernel
+    is slow on NCHW tensors (2.7 ms for 1x1152x16x16 on 2 threads; the copy: 0.9 ms) and on channels_last bfloat16
+    ones (2 Sapphire Rapids threads, 4x384x32x32: 3.5 ms)."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    b, c, h, w = x.shape
+    if x.is_contiguous():
         return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        rows = x.permute(0, 2, 3, 1)  # (b, h, w, c), contiguous
+        up = rows[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
+        return up.permute(0, 3, 1, 2)  # channels_last
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
@@ -181,11 +189,37 @@ class UNet(nn.Module):
         self.precision = precision
         return self
 
-    def set_channels_last(self, enabled: bool = True) -> "UNet":
-        """Run the convolutions (and so every activation) in channels_last memory layout."""
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+    def set_channels_last(self, enabled: bool | None = True) -> "UNet":
+        """Run the convolutions (and so every activation) in channels_last memory layout (True), in NCHW (False), or
+        (None) in the layout measured faster for this model, device, precision and input shape (cmfast.tuning: both
+        timed at the first inference call of a shape, then recorded; NCHW where nothing is measured: CMFAST_TUNE=0,
+        training, torch.compile). With None the output is NCHW whatever runs inside."""
+        if enabled is not None:
+            self._weights_layout(enabled)
         self.channels_last = enabled
         return self
+
+    def _weights_layout(self, channels_last: bool) -> None:
+        if getattr(self, "_weights_cl", False) != channels_last:  # a no-op when already so (CUDA-graph capture)
+            self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            self._weights_cl = channels_last
+
+    def _measured_layout(self, x, timesteps, y) -> torch.Tensor:
+        """The forward in the layout measured faster for this class of call (set_channels_last(None))."""
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())) or x.is_meta \
+                or torch.compiler.is_compiling() or x.dim() != 4 or backends.forced() == "reference":
+            return self._forward(x, timesteps, y, channels_last=False)
+
+        def run(name):
+            self._weights_layout(name == "channels_last")
+            return self._forward(x, timesteps, y, channels_last=name == "channels_last")
+
+        key = (zlib.crc32(repr(self.config).encode()), self.precision, x.dtype, tuple(x.shape), y is None,
+               torch.get_num_threads())
+        name, out = tuning.choose("layout", x.device, key, ("nchw", "channels_last"), "nchw", run,
+                                  elements=tuning.TINY_ELEMENTS)
+        self._weights_layout(name == "channels_last")
+        return out.contiguous()
 
     def _check_inputs(self, x, timesteps, y):
         c = self.config
@@ -215,12 +249,17 @@ class UNet(nn.Module):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         self._check_inputs(x, timesteps, y)
+        if self.channels_last is None:
+            return self._measured_layout(x, timesteps, y)
+        return self._forward(x, timesteps, y, self.channels_last)
+
+    def _forward(self, x, timesteps, y, channels_last: bool) -> torch.Tensor:
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)
         emb_act = F.silu(emb)
         h = x.to(self.block_dtype)
-        if self.channels_last:
+        if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
