@@ -41,7 +41,8 @@ from cmfast.models.unet import AttentionBlock
 NAME = "sampling"
 BENCHMARKS = ("unet_forward", "sample_1step", "sample_2step")
 PEERS = ("cmfast-reference", "diffusers", "diffusers-channels-last", "diffusers-autocast-channels-last",
-         "diffusers-compile", "diffusers-pipeline", "diffusers-pipeline-channels-last", "diffusers-pipeline-compile")
+         "diffusers-compile", "diffusers-compile-max-autotune-no-cudagraphs", "diffusers-compile-reduce-overhead",
+         "diffusers-cudnn-benchmark", "diffusers-pipeline", "diffusers-pipeline-channels-last", "diffusers-pipeline-compile")
 # preset -> the diffusers scheduler's num_train_timesteps (SPEC.md section 2) and the two-step schedule
 IMAGENET = ("cd_imagenet64_l2", 40, [22, 0])
 LSUN = ("ct_bedroom256", 151, None)
@@ -127,8 +128,10 @@ def build(spec, session, dtype) -> Models:
     if session.compile_models and not session.quick:
         models.compiled = {"cmfast-compile": session.compile(unet)}
         if dm is not None:  # the channels_last copy: the faster layout eager, and what a tuned user compiles
-            models.compiled["diffusers-compile"] = session.compile(models.diffusers_cl)
-            models.pipe_compiled = pipeline(models.compiled["diffusers-compile"])
+            for mode in session.compile_modes:
+                name = "diffusers-compile" if mode == "default" else f"diffusers-compile-{mode}"
+                models.compiled[name] = session.compile(models.diffusers_cl, mode=mode)
+            models.pipe_compiled = pipeline(models.compiled[next(k for k in models.compiled if k != "cmfast-compile")])
     return models
 
 
@@ -261,6 +264,14 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
         cl = models.diffusers_cl
         record("diffusers-channels-last", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
                "UNet2DModel in channels_last", model="diffusers-channels-last")
+        if session.gpu:  # cuDNN's autotuner, as a user tuning the peer on a GPU switches on
+            saved = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                record("diffusers-cudnn-benchmark", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
+                       "UNet2DModel in channels_last, torch.backends.cudnn.benchmark = True")
+            finally:
+                torch.backends.cudnn.benchmark = saved
     if models.autocast is not None:
         def autocast_call(m=models.autocast):
             with torch.autocast(device.type, dtype=dtype):
@@ -269,9 +280,9 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
         record("diffusers-autocast-channels-last", autocast_call,
                f"float32 UNet2DModel in channels_last under torch.autocast({dtype})", model="diffusers-autocast")
     for provider, compiled in (models.compiled or {}).items():
-        if provider == "diffusers-compile":
+        if provider.startswith("diffusers-compile"):
             record(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
-                   "torch.compile(UNet2DModel in channels_last)")
+                   f"torch.compile(UNet2DModel in channels_last{provider.removeprefix('diffusers-compile')})")
         else:
             record(provider, lambda c=compiled: c(x, t, y), "torch.compile(cmfast.UNet)")
     record("convs-only", convs_only(analysis, batch, device),

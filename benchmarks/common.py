@@ -103,9 +103,11 @@ class Session:
     measurement, so a run that is stopped leaves what it measured."""
 
     def __init__(self, device: torch.device, dtypes, batches, *, quick: bool = False, compile_models: bool = False,
-                 compile_kernels: bool = True, models=("imagenet64", "lsun256"), out: Path = RESULTS, log=print):
+                 compile_kernels: bool = True, models=("imagenet64", "lsun256"), out: Path = RESULTS, log=print,
+                 compile_modes=("default",)):
         self.device, self.dtypes, self.batches, self.models = device, list(dtypes), list(batches), tuple(models)
         self.quick, self.compile_models, self.compile_kernels = quick, compile_models, compile_kernels
+        self.compile_modes = tuple(compile_modes)
         self.gpu = device.type == "cuda"
         self.log = log
         self.rows: list[Row] = []
@@ -142,10 +144,10 @@ class Session:
         return Timing(warmup=2, min_reps=5, min_seconds=0.2) if self.gpu else Timing(warmup=1, min_reps=3,
                                                                                       min_seconds=0.0)
 
-    def compile(self, fn):
+    def compile(self, fn, mode: str = "default"):
         """torch.compile of `fn` as a user would write it: static shapes on the CPU (each call site of the U-Net has
         one shape), automatic dynamic shapes on a GPU (fewer recompiles in a time-boxed GPU job)."""
-        return torch.compile(fn, dynamic=False if not self.gpu else None)
+        return torch.compile(fn, dynamic=False if not self.gpu else None, mode=mode)
 
     def cmfast_backends(self, op: str) -> list[str]:
         """The backends of `op` that run on this device (Triton on a GPU only: its CPU interpreter is for tests)."""

@@ -27,6 +27,7 @@ MODULES = {"group_norm": "bench_group_norm", "attention": "bench_attention", "co
            "sampling": "bench_sampling"}
 DTYPES = ("float32", "float16", "bfloat16")
 MODELS = ("imagenet64", "lsun256")  # the sampling benchmark's two architectures
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile modes a tuned user tries
 
 
 def _list(text: str, kind=str) -> list:
@@ -48,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: bool = True) -> None:
     group.add_argument("--compile", action="store_true",
                        help="add torch.compile peers of the U-Net and pipelines (minutes of cold compile on a CPU)")
     group.add_argument("--no-compile", action="store_true", help="leave out every torch.compile peer")
+    parser.add_argument("--compile-modes", default=["default"], type=_list,
+                        help="with --compile: torch.compile modes of the diffusers U-Net peer, comma list of default, "
+                             "max-autotune-no-cudagraphs, reduce-overhead (each a cold compile; default: default)")
     parser.add_argument("--models", default=None, type=_list,
                         help="sampling: comma list of imagenet64 (U-Net forward, 1 and 2 steps), lsun256 (1 step); "
                              "default both")
@@ -80,6 +84,9 @@ def run(args: argparse.Namespace, log=print) -> "Session":  # noqa: F821
     for name in args.models or ():
         if name not in MODELS:
             raise SystemExit(f"--models: expected names among {', '.join(MODELS)}, got {name!r}")
+    for mode in args.compile_modes:
+        if mode not in COMPILE_MODES:
+            raise SystemExit(f"--compile-modes: expected names among {', '.join(COMPILE_MODES)}, got {mode!r}")
     if args.batches is not None and (not args.batches or min(args.batches) < 1):
         raise SystemExit("--batches: expected positive integers")
     batches = args.batches or ([1, 16, 64, 256] if gpu else [1, 4])
@@ -90,7 +97,8 @@ def run(args: argparse.Namespace, log=print) -> "Session":  # noqa: F821
             torch.set_num_threads(args.threads)
         session = Session(device, [getattr(torch, n) for n in dtype_names], batches, quick=args.quick,
                           compile_models=args.compile, compile_kernels=not args.no_compile,
-                          models=args.models or MODELS, out=args.out or RESULTS, log=log)
+                          models=args.models or MODELS, out=args.out or RESULTS, log=log,
+                          compile_modes=args.compile_modes)
         _run(session, names, log)
     finally:
         torch.set_num_threads(threads)

@@ -167,3 +167,11 @@ def test_summary_best_peer_column(tmp_path):
     bf16, fp32 = lines
     assert bf16.endswith("| 1.65x (cmfast-channels-last) | 1.25x (diffusers-compile) |")
     assert fp32.endswith("| 1.10x (cmfast) | 1.10x (diffusers) |")
+
+
+def test_bad_compile_mode_is_refused(tmp_path):
+    args = quick_args(tmp_path, ["sampling"])
+    args.compile_modes = ["max-autotune-please"]
+    with pytest.raises(SystemExit, match="--compile-modes: expected names among default"):
+        run.run(args, log=lambda _: None)
+    assert not any(tmp_path.iterdir())
