@@ -324,8 +324,9 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
         providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline", "diffusers")
         providers["diffusers-pipeline-channels-last"] = (pipe_call(models.pipe_cl), "its unet in channels_last",
                                                          "diffusers-channels-last")
+        # its own warm-up key: the pipeline hands the U-Net x in the model's dtype, another class of call to measure
         providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",
-                                                  "cmfast")
+                                                  "cmfast-in-pipeline")
     if models.compiled:
         providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))",
                                        None)

@@ -363,13 +363,19 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"{'precision':<10}{'batch':>6}  {'layout':<14}{'fixed order':>12}{'measured':>10}{'speed-up':>9}  new records")
     for precision, batch, layout, fixed, tuned, measured in rows:
         print(f"{precision:<10}{batch:>6}  {layout:<14}{fixed:>9.1f} ms{tuned:>7.1f} ms{fixed / tuned:>8.2f}x  {measured}")
-    if len(layouts) > 1:
+    if len(layouts) > 1:  # recorded as the layout cmfast.load's models (channels_last=None) run in
         for precision in precisions:
             for batch in batches:
                 by = {r[2]: r[4] for r in rows if r[:2] == (precision, batch)}
                 best = min(by, key=by.get)
+                if by[best] > (1 - tuning.MARGIN) * by["nchw"]:
+                    best = "nchw"  # within the noise: the fixed order's layout
+                unet.set_precision(precision)
+                x = torch.empty(batch, c.in_channels, c.image_size, c.image_size, device=device)
+                tuning.remember("layout", device, unet.layout_key(x, None if c.num_classes is None else x), best,
+                                {k: round(v, 3) for k, v in by.items()}, "cmfast tune", "nchw")
                 print(f"{precision} batch {batch}: {best} is faster ({by['nchw']:.1f} vs {by['channels_last']:.1f} ms); "
-                      f"{'pass --channels-last' if best == 'channels_last' else 'keep the default layout'}")
+                      "recorded: models loaded without a layout run in it")
     changed = {}
     for key, record in tuning.recorded_choices(device).items():
         if record.get("source") == "cmfast tune" and record["choice"] != record.get("default", record["choice"]):

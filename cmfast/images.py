@@ -59,6 +59,12 @@ def check_writable(paths, overwrite: bool) -> None:
         raise FileExistsError(f"output exists: {', '.join(existing)} (use --force to overwrite)")
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # read by setting: there is no getter
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yields a temporary path beside `path`; renames it to `path` when the block succeeds, deletes it if not."""
@@ -68,6 +74,7 @@ def atomic_file(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file gets the mode a plain open gives
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -31,30 +31,48 @@ class Model:
         return Denoiser(self.unet, kind=self.kind)
 
 
+def _built_in_missing(given: str | None) -> ValueError:
+    return ValueError(f"checkpoint: {'none given and ' if given is None else ''}this install has no built-in model; pass a "
+                      "checkpoint path or a preset name "
+                      f"({', '.join(n for n in PRESETS if not n.startswith(('test', 'digits')))})")
+
+
+def locate(name: str) -> Path | None:
+    """The file of a model name: "digits" (the built-in model) or a preset name whose weights are in checkpoint_dirs();
+    None when `name` is neither (a path, then). A known preset whose weights are not here is an error naming where
+    they were looked for and where they come from."""
+    if name == "digits":
+        if not BUILT_IN.is_file():
+            raise _built_in_missing(name)
+        return BUILT_IN
+    if name not in PRESETS:
+        return None
+    tried = []
+    for folder in checkpoint_dirs():
+        for candidate in (folder / f"{name}.pt", folder / f"{name}.safetensors", folder / name):
+            tried.append(str(candidate))
+            if candidate.exists():
+                return candidate
+    raise FileNotFoundError(f"checkpoint: {name} is a known preset but its weights are not here; "
+                            f"download {name}.pt from {RELEASES} into one of: {', '.join(tried[::3])}")
+
+
 def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None = None) -> Model:
     """A checkpoint path (.pt, .safetensors, diffusers folder), a preset name whose file is in checkpoint_dirs(), or
     None / "digits": the built-in model."""
-    if name_or_path is None or (name_or_path == "digits" and not Path(name_or_path).exists()):
+    if name_or_path is None:
         if not BUILT_IN.is_file():
-            raise ValueError(f"checkpoint: {'none given and ' if name_or_path is None else ''}this install has no "
-                             "built-in model; pass a checkpoint path or a preset name "
-                             f"({', '.join(n for n in PRESETS if not n.startswith(('test', 'digits')))})")
-        return Model("digits", load(BUILT_IN, device=device, dtype=dtype), kind or "consistency")
+            raise _built_in_missing(None)
+        name_or_path = "digits"
     path = Path(name_or_path)
     if path.exists():
         name = path.stem if path.is_file() else path.name
         preset = PRESETS.get(name)
         unet = load(path, config=None, device=device, dtype=dtype)
         return Model(name, unet, kind or (preset.kind if preset else "consistency"))
-    if name_or_path in PRESETS:
-        tried = []
-        for folder in checkpoint_dirs():
-            for candidate in (folder / f"{name_or_path}.pt", folder / f"{name_or_path}.safetensors",
-                              folder / name_or_path):
-                tried.append(str(candidate))
-                if candidate.exists():
-                    unet = load(candidate, config=name_or_path, device=device, dtype=dtype)
-                    return Model(name_or_path, unet, kind or PRESETS[name_or_path].kind)
-        raise FileNotFoundError(f"checkpoint: {name_or_path} is a known preset but its weights are not here; "
-                                f"download {name_or_path}.pt from {RELEASES} into one of: {', '.join(tried[::3])}")
-    raise FileNotFoundError(f"checkpoint: {name_or_path!r} is neither a file or folder nor a preset name")
+    found = locate(name_or_path)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint: {name_or_path!r} is neither a file or folder nor a preset name")
+    config = None if name_or_path == "digits" else name_or_path
+    unet = load(found, config=config, device=device, dtype=dtype)
+    return Model(name_or_path, unet, kind or PRESETS[name_or_path].kind)

@@ -3,9 +3,9 @@
 The fastest kernel differs between machines (on a 2-core AMD Zen 4 cmfast's CPU attention kernel beat torch's SDPA
 1.1-3x; on a 2-core Sapphire Rapids Xeon, where SDPA uses AMX, it was 3.5x slower), so no fixed order is right
 everywhere. The first time a choice meets a new class of call (the op, the device, dtype, layout, shape, thread
-count), each candidate runs on the call's own inputs (once to warm up, then up to two timed runs within a small
-budget; the best run counts), the fastest is kept, and the call returns the chosen candidate's result. Every
-candidate is exact against the op's reference, so the choice changes speed, not meaning.
+count), each candidate runs on the call's own inputs (once to warm up, then in 2-5 interleaved timed rounds within
+a small budget; each candidate's best round counts), the fastest is kept, and the call returns the chosen
+candidate's result. Every candidate is exact against the op's reference, so the choice changes speed, not meaning.
 
 Choices are kept in memory and on disk, one JSON file per device name and cmfast/torch/extension version under
 the cache folder (`$CMFAST_CACHE`, else ~/.cache/cmfast), written atomically: a second process times nothing.
@@ -36,9 +36,10 @@ TUNE_ENV = "CMFAST_TUNE"
 # Below this many output elements a call takes microseconds and the fixed order serves (a GroupNorm at 1x192x8x8
 # is 12,288 elements and ~10 us on 2 CPU threads; timing it would cost more than any choice could save).
 TINY_ELEMENTS = 32768
-# Per candidate: one warm-up run, then timed runs while they fit in this many seconds, at most MAX_RUNS.
+# One warm-up run per candidate, then rounds of one timed run each: at least MIN_ROUNDS, more while the measurement
+# has taken under BUDGET_S, at most MAX_ROUNDS (a whole forward gets two rounds; a 1 ms kernel call five).
 BUDGET_S = 0.05
-MAX_RUNS = 2
+MIN_ROUNDS, MAX_ROUNDS = 2, 5
 # Another candidate replaces the fixed order's only when it is this much faster (timings on a shared 2-core machine
 # wander by 5-10% between runs; a choice on noise would flip between processes for nothing).
 MARGIN = 0.05
@@ -147,24 +148,14 @@ def _busy(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _time(run: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    def once():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, result
-
-    first, result = once()  # warm-up: first-call costs (primitive creation, caches) are not the steady state
-    best, spent = float("inf"), first
-    for _ in range(MAX_RUNS):
-        if best != float("inf") and spent + best > BUDGET_S:
-            break
-        elapsed, result = once()
-        best, spent = min(best, elapsed), spent + elapsed
-    return best, result
+def _once(run: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
 
 
 @contextlib.contextmanager
@@ -210,19 +201,29 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
 
 
 def measure(device: torch.device, candidates, run, default: str):
-    """(fastest name, its result, {name: ms}): each candidate timed on the call; the fastest run last, so the result
+    """(fastest name, its result, {name: ms}): each candidate run once to warm up, then timed in interleaved rounds
+    (A B A B ...: a machine that slows down or speeds up meanwhile biases none of them), at least MIN_ROUNDS and
+    while within BUDGET_S, at most MAX_ROUNDS; a candidate's best round counts. The fastest runs last, so the result
     handed back is its own."""
     stats["timed"] += 1
-    times, result = {}, None
-    for name in candidates:
-        seconds, result = _time(lambda: run(name), device)
-        times[name] = round(seconds * 1e3, 4)
-    best = min(times, key=times.get)
-    if default in times and times[best] > (1 - MARGIN) * times[default]:
-        best = default  # within the noise of the measurement: keep the fixed order's choice
-    if best != candidates[-1]:
-        result = run(best)
-    return best, result, times
+    result, spent = None, 0.0
+    for name in candidates:  # first-call costs (primitive creation, weight packing, caches) are not the steady state
+        elapsed, result = _once(lambda: run(name), device)
+        spent += elapsed
+    best = dict.fromkeys(candidates, float("inf"))
+    for rounds in range(1, MAX_ROUNDS + 1):
+        for name in candidates:
+            elapsed, result = _once(lambda: run(name), device)
+            best[name], spent = min(best[name], elapsed), spent + elapsed
+        if rounds >= MIN_ROUNDS and spent > BUDGET_S:
+            break
+    times = {name: round(seconds * 1e3, 4) for name, seconds in best.items()}
+    choice = min(times, key=times.get)
+    if default in times and times[choice] > (1 - MARGIN) * times[default]:
+        choice = default  # within the noise of the measurement: keep the fixed order's choice
+    if choice != candidates[-1]:
+        result = run(choice)
+    return choice, result, times
 
 
 def remember(op: str, device: torch.device, key: tuple, name: str, times: dict, source: str, default: str) -> None:

@@ -125,6 +125,15 @@ def test_tune_records_choices_and_reports(checkpoint, tmp_path, monkeypatch, cap
         assert "is faster" in out
         records = tuning.recorded_choices(torch.device("cpu"))
         assert records and all(r["source"] == "cmfast tune" for r in records.values())
+        layouts = [r for k, r in records.items() if k.startswith("('layout'")]
+        assert len(layouts) == 4 and all(r["choice"] in ("nchw", "channels_last") for r in layouts)
+        unet = cmfast.load(checkpoint)  # a model loaded without a layout runs in the recorded one, measuring nothing
+        monkeypatch.setenv("CMFAST_TUNE", "1")
+        timed = tuning.stats["timed"]
+        with torch.no_grad():
+            unet(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 2.0]), torch.tensor([1, 2]))
+        assert tuning.stats["timed"] == timed
+        monkeypatch.setenv("CMFAST_TUNE", "0")
         assert tuning.path_for(tuning.device_name(torch.device("cpu"))).is_file()
         timed = tuning.stats["timed"]
         assert main(["tune", checkpoint, "--batch", "1", "--layout", "nchw", "--device", "cpu"]) == 0

@@ -63,6 +63,8 @@ def read(source) -> tuple[dict, UNetConfig | None]:
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
         if path.is_dir():
+            if (path / "model_index.json").is_file() and (path / "unet").is_dir():  # a pipeline: its U-Net
+                path = path / "unet"
             return _read_diffusers_folder(path)
         if path.suffix == ".safetensors":
             state, meta = _safetensors_load(path)
@@ -135,7 +137,10 @@ def _precision(dtype) -> str:
 
 
 def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool | None = None) -> UNet:
-    """A cmfast U-Net with the weights of `source` (path to .pt / .safetensors / diffusers folder, or a state dict).
+    """A cmfast U-Net with the weights of `source`: a path to a .pt, .safetensors, diffusers model folder or diffusers
+    pipeline folder (its unet/), a state dict, "digits" (the built-in model) or a preset name (cd_imagenet64_l2, ...)
+    whose weights are in $CMFAST_CHECKPOINTS or ~/.cache/cmfast/checkpoints. Parameters are inference-only
+    (requires_grad=False: the fused kernels serve only calls that need no gradient); training sets them back.
 
     config: None (recorded in the source, else inferred from the weights' shapes), a preset name, or a UNetConfig.
     dtype: None or torch.float32; torch.float16 for the reference's fp16 mode; torch.bfloat16 likewise in bf16.
@@ -143,6 +148,13 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     input shape on this machine (UNet.set_channels_last(None)); outputs are NCHW either way.
     """
     precision = _precision(dtype)
+    if isinstance(source, str) and not Path(source).exists():  # a name: the built-in model's or a preset's
+        from ..pretrained import locate
+
+        found = locate(source)
+        if found is not None:
+            config = source if config is None and source != "digits" else config
+            source = found
     state, recorded = read(source)
     if isinstance(config, str):
         config = preset(config).unet
@@ -159,7 +171,7 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, assign=True)
     model.set_precision(precision)
     model.set_channels_last(channels_last)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def save(model: UNet, dest, *, overwrite: bool = False) -> Path:

@@ -3,6 +3,8 @@ return type. `pipe.unet = cmfast.swap(pipe.unet)` inside diffusers' ConsistencyM
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -13,8 +15,8 @@ from .unet import UNet
 
 
 def _is_diffusers_unet(model) -> bool:
-    config = getattr(model, "config", None)
-    return config is not None and "block_out_channels" in config and "layers_per_block" in config
+    config = getattr(model, "config", None)  # diffusers: a FrozenDict (cmfast.UNet's is a UNetConfig)
+    return isinstance(config, Mapping) and "block_out_channels" in config and "layers_per_block" in config
 
 
 class DiffusersUNet(nn.Module):
@@ -58,10 +60,11 @@ def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
         state = diffusers_to_openai(model.state_dict(), config)
         half = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else None
         unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
-        return DiffusersUNet(unet, model.config, model.dtype).train(model.training)
+        return DiffusersUNet(unet.requires_grad_(model.training), model.config, model.dtype).train(model.training)
     state = model.state_dict()
     heads = getattr(model, "num_head_channels", 64)
     config = infer_config(state, num_head_channels=heads if heads and heads > 0 else 64,
                           image_size=getattr(model, "image_size", None))
     half = getattr(model, "dtype", None) if getattr(model, "use_fp16", False) else None
-    return load(state, config=config, device=device, dtype=half, channels_last=channels_last).train(model.training)
+    unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
+    return unet.requires_grad_(model.training).train(model.training)  # inference-only unless it replaces a trainee

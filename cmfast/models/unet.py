@@ -206,6 +206,11 @@ class UNet(nn.Module):
             self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             self._weights_cl = channels_last
 
+    def layout_key(self, x: torch.Tensor, y) -> tuple:
+        """The class of call a layout is measured for: this architecture, precision, input dtype and shape, threads."""
+        return (zlib.crc32(repr(self.config).encode()), self.precision, x.dtype, tuple(x.shape), y is None,
+                torch.get_num_threads())
+
     def _measured_layout(self, x, timesteps, y) -> torch.Tensor:
         """The forward in the layout measured faster for this class of call (set_channels_last(None))."""
         if (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())) or x.is_meta \
@@ -216,9 +221,7 @@ class UNet(nn.Module):
             self._weights_layout(name == "channels_last")
             return self._forward(x, timesteps, y, channels_last=name == "channels_last")
 
-        key = (zlib.crc32(repr(self.config).encode()), self.precision, x.dtype, tuple(x.shape), y is None,
-               torch.get_num_threads())
-        name, out = tuning.choose("layout", x.device, key, ("nchw", "channels_last"), "nchw", run,
+        name, out = tuning.choose("layout", x.device, self.layout_key(x, y), ("nchw", "channels_last"), "nchw", run,
                                   elements=tuning.TINY_ELEMENTS)
         self._weights_layout(name == "channels_last")
         return out.contiguous()
@@ -248,6 +251,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps, y: torch.Tensor | None = None) -> torch.Tensor:
         timesteps = torch.as_tensor(timesteps, device=x.device)
+        if y is not None and not isinstance(y, torch.Tensor):  # labels as a list or tuple of ints
+            try:
+                y = torch.as_tensor(y, device=x.device)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"y: expected integer class labels, got {type(y).__name__} {y!r:.80}") from None
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         self._check_inputs(x, timesteps, y)
