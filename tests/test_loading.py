@@ -91,3 +91,35 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     for name in ("a.png", "a.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png"]
+
+
+@pytest.mark.parametrize("move, precision", [(lambda m: m.to(torch.bfloat16), "bf16"), (lambda m: m.half(), "fp16"),
+                                             (lambda m: m.bfloat16(), "bf16"), (lambda m: m.to("cpu", torch.float16), "fp16")],
+                         ids=["to-bf16", "half", "bfloat16", "to-cpu-fp16"])
+def test_dtype_moves_select_the_precision_mode(model, gen, move, precision):
+    x, t, y = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([10.0, 20.0]), torch.tensor([3, 9])
+    with torch.no_grad():
+        want = model(x, t, y)
+        moved = move(model)
+        assert moved is model and model.precision == precision and model.dtype == {"bf16": torch.bfloat16,
+                                                                                   "fp16": torch.float16}[precision]
+        assert model.time_embed[0].weight.dtype == torch.float32  # the mixed mode's fp32 parts stay fp32
+        got = model(x, t, y)
+        assert got.dtype == torch.float32
+        assert float((got - want).abs().max() / want.abs().max()) <= 5e-2
+        assert model.float().precision == "fp32" and model.dtype == torch.float32
+        model(x, t, y)
+    with pytest.raises(TypeError, match="not float64"):
+        model.double()
+
+
+def test_swapped_diffusers_model_moves_and_reports_its_dtype(gen):
+    ref = diffusers_unet(NAME, gen)
+    swapped = cmfast.swap(ref)
+    assert swapped.dtype == torch.float32 and swapped.device == torch.device("cpu")
+    assert swapped.to(torch.bfloat16) is swapped and swapped.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 16, 16, generator=gen).bfloat16()
+    with torch.no_grad():
+        out = swapped(x, torch.tensor(10.0), torch.tensor([3])).sample
+    assert out.dtype == torch.bfloat16
+    assert swapped.half().dtype == torch.float16 and swapped.float().dtype == torch.float32

@@ -70,3 +70,13 @@ def test_swap_rejects_what_it_cannot_take():
         cmfast.swap("unet")
     with pytest.raises(ValueError, match="^model: has no parameters"):
         cmfast.swap(torch.nn.Identity())
+
+
+def test_pipeline_moves_to_bfloat16_after_the_swap(gen):
+    pipe = pipeline(diffusers_unet("test_imagenet", gen))
+    pipe.unet = cmfast.swap(pipe.unet)
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.unet.precision == "bf16"
+    out = pipe(batch_size=2, class_labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3),
+               num_inference_steps=1, output_type="pt").images
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out.float()).all()

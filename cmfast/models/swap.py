@@ -11,7 +11,7 @@ from torch import nn
 from .checkpoint import load
 from .config import infer_config
 from .keymap import config_from_diffusers, diffusers_to_openai
-from .unet import UNet
+from .unet import PrecisionMoves, UNet
 
 
 def _is_diffusers_unet(model) -> bool:
@@ -19,23 +19,26 @@ def _is_diffusers_unet(model) -> bool:
     return isinstance(config, Mapping) and "block_out_channels" in config and "layers_per_block" in config
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(PrecisionMoves, nn.Module):
     """A cmfast U-Net behind diffusers' UNet2DModel interface: forward(sample, timestep, class_labels=None,
     return_dict=True) -> UNet2DOutput (or a 1-tuple), plus the `config`, `dtype` and `device` pipelines read."""
 
-    def __init__(self, unet: UNet, config, dtype: torch.dtype):
+    def __init__(self, unet: UNet, config):
         super().__init__()
         self.unet = unet
         self.config = config
-        self._dtype = dtype
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._dtype
+        return self.unet.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.unet.device
+
+    def to(self, *args, **kwargs) -> "DiffusersUNet":  # a dtype selects the precision mode (cmfast.UNet.to)
+        self.unet.to(*args, **kwargs)
+        return self
 
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
         from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -60,7 +63,7 @@ def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
         state = diffusers_to_openai(model.state_dict(), config)
         half = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else None
         unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
-        return DiffusersUNet(unet.requires_grad_(model.training), model.config, model.dtype).train(model.training)
+        return DiffusersUNet(unet.requires_grad_(model.training), model.config).train(model.training)
     state = model.state_dict()
     heads = getattr(model, "num_head_channels", 64)
     config = infer_config(state, num_head_channels=heads if heads and heads > 0 else 64,

@@ -32,6 +32,31 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def _precision_of(dtype: torch.dtype) -> str:
+    for name, value in PRECISIONS.items():
+        if value == dtype:
+            return name
+    raise TypeError(f"dtype: cmfast.UNet runs in {', '.join(str(d).removeprefix('torch.') for d in PRECISIONS.values())} "
+                    f"(fp32 or the reference's mixed fp16/bf16 modes), not {str(dtype).removeprefix('torch.')}")
+
+
+class PrecisionMoves:
+    """.half(), .bfloat16(), .float(), .double() as .to(dtype), whose override selects a precision mode (nn.Module's
+    versions cast every parameter behind .to's back)."""
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        return self.to(torch.float64)  # refused, naming the modes there are
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32) whose call can fuse the following scale/shift and SiLU (cmfast.ops.group_norm)."""
 
@@ -131,7 +156,7 @@ def _may_sync(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-class UNet(nn.Module):
+class UNet(PrecisionMoves, nn.Module):
     """The reference's UNetModel: forward(x, timesteps, y=None) -> the raw network output (batch, out, H, W)."""
 
     def __init__(self, config: UNetConfig):
@@ -179,6 +204,27 @@ class UNet(nn.Module):
     @property
     def block_dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision mode's dtype (that of the block convolutions; embeddings and head stay fp32)."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def device(self) -> torch.device:
+        return self.time_embed[0].weight.device
+
+    def to(self, *args, **kwargs) -> "UNet":
+        """nn.Module.to, where a dtype selects the precision mode (float32, float16, bfloat16: set_precision) instead
+        of casting every parameter, which would leave the fp32 parts of the mixed mode in the wrong dtype. Casting
+        is lossy as for any module: fp32 -> bf16 -> fp32 does not give the fp32 weights back."""
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None:
+            self.set_precision(_precision_of(dtype))
+        if device is not None or memory_format is not None:
+            super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
+        return self
+
 
     def set_precision(self, precision: str) -> "UNet":
         """fp32, or the reference's mixed mode with fp16 or bf16 block convolutions (see the module docstring)."""
