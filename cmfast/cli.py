@@ -17,12 +17,23 @@ def _convert(args: argparse.Namespace) -> int:
     from .models import CheckpointError, load, save
 
     try:
-        model = load(args.src, config=args.config)
+        model = load(args.src, config=args.config, num_head_channels=args.num_head_channels)
         save(model, args.dst, overwrite=args.force)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"cmfast convert: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({sum(p.numel() for p in model.parameters()):,} parameters, config {model.config})")
+    if str(args.dst).endswith(".pt"):
+        from .models.checkpoint import unrecorded
+
+        lost = unrecorded(model)
+        if lost:
+            how = (f"--num-head-channels {lost['num_head_channels']}" if set(lost) == {"num_head_channels"}
+                   else "--config PRESET")
+            print(f"note: an openai .pt records no config, and a plain load of {args.dst} would not give back "
+                  f"{', '.join(f'{k}={v!r}' for k, v in lost.items())}: read it with {how} (in Python: cmfast.load(..., "
+                  f"{'num_head_channels=' + str(lost['num_head_channels']) if 'num_head_channels' in lost else 'config='}))"
+                  ", or write .safetensors or a diffusers folder, which record it", file=sys.stderr)
     return 0
 
 
@@ -52,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="checkpoint to read")
     convert.add_argument("dst", help="where to write: *.pt, *.safetensors, or a folder name")
     convert.add_argument("--config", default=None, help="preset name when SRC's config cannot be inferred")
+    convert.add_argument("--num-head-channels", type=int, default=None,
+                         help="attention head width of a SRC that does not record it (an openai .pt: 64 unless given)")
     convert.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     convert.set_defaults(func=_convert)
     _add_sample(sub)

@@ -139,3 +139,17 @@ def test_other_bad_sources(tmp_path):
         cmfast.load({}, config="nope")
     with pytest.raises(CheckpointError, match="cannot infer the U-Net config"):
         cmfast.load({"a.weight": torch.zeros(1)})
+
+
+def test_convert_to_pt_says_what_it_cannot_record(model, tmp_path, capsys):
+    src = cmfast.save(model, tmp_path / "m.safetensors")  # heads 16 wide: a .pt cannot say so
+    assert main(["convert", str(src), str(tmp_path / "m.pt")]) == 0
+    assert "would not give back num_head_channels=16: read it with --num-head-channels 16" in capsys.readouterr().err
+    assert cmfast.load(tmp_path / "m.pt").config.num_head_channels == 64  # a plain load: the released models' 64
+    back = cmfast.load(tmp_path / "m.pt", num_head_channels=16)
+    assert back.config == CONFIG
+    assert main(["convert", str(tmp_path / "m.pt"), str(tmp_path / "again.safetensors"), "--num-head-channels",
+                 "16"]) == 0
+    assert cmfast.load(tmp_path / "again.safetensors").config == CONFIG
+    with pytest.raises(ValueError, match="num_head_channels: 8 given, but the source records 16"):
+        cmfast.load(src, num_head_channels=8)

@@ -136,7 +136,8 @@ def _precision(dtype) -> str:
     raise ValueError(f"dtype: expected None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
 
-def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool | None = None) -> UNet:
+def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool | None = None,
+         num_head_channels: int | None = None) -> UNet:
     """A cmfast U-Net with the weights of `source`: a path to a .pt, .safetensors, diffusers model folder or diffusers
     pipeline folder (its unet/), a state dict, "digits" (the built-in model) or a preset name (cd_imagenet64_l2, ...)
     whose weights are in $CMFAST_CHECKPOINTS or ~/.cache/cmfast/checkpoints. Parameters are inference-only
@@ -144,6 +145,8 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
 
     config: None (recorded in the source, else inferred from the weights' shapes), a preset name, or a UNetConfig.
     dtype: None or torch.float32; torch.float16 for the reference's fp16 mode; torch.bfloat16 likewise in bf16.
+    num_head_channels: the attention heads' width where the source does not record it (an openai .pt or state dict:
+    64, as in every released model, unless given); an error where it records another.
     channels_last: True or False to run in that memory layout; None (default): the layout measured faster for each
     input shape on this machine (UNet.set_channels_last(None)); outputs are NCHW either way.
     """
@@ -160,11 +163,14 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
         config = preset(config).unet
     elif config is None:
         try:
-            config = recorded or infer_config(state)
+            config = recorded or infer_config(state, num_head_channels=num_head_channels or 64)
         except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
             raise CheckpointError(f"cannot infer the U-Net config from these keys ({e}); pass config=") from None
     elif not isinstance(config, UNetConfig):
         raise TypeError(f"config: expected None, a preset name or a UNetConfig, got {type(config).__name__}")
+    if num_head_channels is not None and config.num_head_channels != num_head_channels:
+        raise ValueError(f"num_head_channels: {num_head_channels} given, but the source records "
+                         f"{config.num_head_channels}")
     check_fits(state, config)
     with torch.device("meta"):
         model = UNet(config)
@@ -172,6 +178,15 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     model.set_precision(precision)
     model.set_channels_last(channels_last)
     return model.eval().requires_grad_(False)
+
+
+def unrecorded(model: UNet) -> dict:
+    """The config fields an openai .pt of `model` (a bare state dict) would not give back on a plain load: the
+    value to pass again (num_head_channels=, or config=)."""
+    state = {k: v.to("meta") for k, v in model.state_dict().items()}
+    inferred = infer_config(state)
+    return {f: getattr(model.config, f) for f in model.config.__dataclass_fields__
+            if f != "dropout" and getattr(inferred, f) != getattr(model.config, f)}
 
 
 def save(model: UNet, dest, *, overwrite: bool = False) -> Path:

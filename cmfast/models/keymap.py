@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import UNetConfig
+from .diffusers_config import check as diffusers_config_check
 
 # Inside a ResBlock / an attention block: openai sub-name -> diffusers sub-name.
 RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -136,7 +137,9 @@ def diffusers_config(config: UNetConfig) -> dict:
 
 
 def config_from_diffusers(cfg: dict) -> UNetConfig:
-    """The UNetConfig of a diffusers UNet2DModel config (as written by diffusers' consistency conversion)."""
+    """The UNetConfig of a diffusers UNet2DModel config, which must be one cmfast computes exactly
+    (cmfast.models.diffusers_config: every field checked, the others refused by name)."""
+    cfg = diffusers_config_check(cfg)
     widths = list(cfg["block_out_channels"])
     c0 = widths[0]
     size = cfg.get("sample_size") or 64
@@ -146,6 +149,6 @@ def config_from_diffusers(cfg: dict) -> UNetConfig:
         model_channels=c0, num_res_blocks=cfg["layers_per_block"], channel_mult=tuple(w // c0 for w in widths),
         image_size=size, in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
         attention_resolutions=tuple(size // 2**lv for lv, a in enumerate(attn) if a),
-        num_classes=cfg.get("num_class_embeds"), num_head_channels=cfg.get("attention_head_dim") or 64,
+        num_classes=cfg.get("num_class_embeds"), num_head_channels=cfg["attention_head_dim"],
         use_scale_shift_norm=cfg.get("resnet_time_scale_shift") == "scale_shift", dropout=cfg.get("dropout", 0.0),
     )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load
-from .config import infer_config
+from .config import UNetConfig, infer_config
 from .keymap import config_from_diffusers, diffusers_to_openai
 from .unet import PrecisionMoves, UNet
 
@@ -48,6 +48,20 @@ class DiffusersUNet(PrecisionMoves, nn.Module):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+def _head_width(model: nn.Module) -> int:
+    """The head width of an openai-style model: num_head_channels, or, where that is -1, channels / num_heads, which
+    cmfast takes only when it is one width at every attention level (it has one head width)."""
+    if isinstance(getattr(model, "config", None), UNetConfig):
+        return model.config.num_head_channels
+    width = getattr(model, "num_head_channels", 64)
+    if isinstance(width, int) and width > 0:
+        return width
+    heads = getattr(model, "num_heads", None)
+    raise ValueError(f"model: num_head_channels={width!r} with num_heads={heads!r} makes heads of width channels / "
+                     f"{heads}, a different width at each attention level; cmfast supports one head width "
+                     "(num_head_channels > 0, 64 in every released model)")
+
+
 def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """A cmfast U-Net with `model`'s weights: for a diffusers UNet2DModel, wrapped in its interface; for an openai
     UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None)).
@@ -65,9 +79,8 @@ def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
         unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
         return DiffusersUNet(unet.requires_grad_(model.training), model.config).train(model.training)
     state = model.state_dict()
-    heads = getattr(model, "num_head_channels", 64)
-    config = infer_config(state, num_head_channels=heads if heads and heads > 0 else 64,
-                          image_size=getattr(model, "image_size", None))
-    half = getattr(model, "dtype", None) if getattr(model, "use_fp16", False) else None
+    config = infer_config(state, num_head_channels=_head_width(model), image_size=getattr(model, "image_size", None))
+    # the reference's fp16 mode (use_fp16=True / convert_to_fp16()) shows as model.dtype; so does cmfast.UNet's
+    half = getattr(model, "dtype", None) if getattr(model, "dtype", None) in (torch.float16, torch.bfloat16) else None
     unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
     return unet.requires_grad_(model.training).train(model.training)  # inference-only unless it replaces a trainee

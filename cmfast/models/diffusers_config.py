@@ -1,0 +1,106 @@
+"""Which diffusers UNet2DModel configurations cmfast computes exactly, and a clear refusal of every other one.
+
+cmfast's U-Net is the ADM U-Net of the consistency-model checkpoints; UNet2DModel can express more. Every field of a
+config is checked here, none ignored: a value cmfast computes differently would otherwise give other numbers with no
+error. The table (also in the README):
+
+| field | supported |
+|---|---|
+| sample_size, in_channels, out_channels, layers_per_block, dropout, num_class_embeds | any |
+| block_out_channels | multiples of the first width |
+| down_block_types / up_block_types | ResnetDownsampleBlock2D or AttnDownBlock2D per level, the up types their mirror |
+| downsample_type / upsample_type | "resnet" (a ResBlock resamples, as in the reference) |
+| attention_head_dim | the head width: an int dividing every attention level's width |
+| resnet_time_scale_shift | "default" or "scale_shift" |
+| time_embedding_type "positional", flip_sin_to_cos true, freq_shift 0, time_embedding_dim none or 4 x the first width | the reference's sinusoidal embedding |
+| norm_num_groups 32, attn_norm_num_groups 32 (or none without scale-shift), norm_eps 1e-5 | the reference's GroupNorm |
+| act_fn "silu", center_input_sample false, mid_block_type "UNetMidBlock2D", mid_block_scale_factor 1, add_attention true, class_embed_type none | the reference's choices |
+| downsample_padding, num_train_timesteps | any (unused by this architecture) |
+"""
+
+from __future__ import annotations
+
+DOWN_TYPES = ("ResnetDownsampleBlock2D", "AttnDownBlock2D")
+UP_OF = {"ResnetDownsampleBlock2D": "ResnetUpsampleBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
+# field -> the values cmfast computes exactly (a tuple), or None for any value
+FIXED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "flip_sin_to_cos": (True,),
+    "freq_shift": (0,),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1,),
+    "downsample_type": ("resnet",),
+    "upsample_type": ("resnet",),
+    "act_fn": ("silu",),
+    "norm_num_groups": (32,),
+    "attn_norm_num_groups": (None, 32),
+    "norm_eps": (1e-5,),
+    "resnet_time_scale_shift": ("default", "scale_shift"),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+}
+ANY = {"sample_size", "in_channels", "out_channels", "layers_per_block", "dropout", "num_class_embeds",
+       "downsample_padding", "num_train_timesteps", "block_out_channels", "down_block_types", "up_block_types",
+       "attention_head_dim", "time_embedding_dim"}  # the last five checked below
+# diffusers' defaults for the fields a config may leave out (UNet2DModel's constructor)
+DEFAULTS = {"center_input_sample": False, "time_embedding_type": "positional", "flip_sin_to_cos": True,
+            "freq_shift": 0, "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
+            "upsample_type": "conv", "act_fn": "silu", "norm_num_groups": 32, "attn_norm_num_groups": None,
+            "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+            "attention_head_dim": 8, "layers_per_block": 2, "time_embedding_dim": None, "sample_size": None,
+            "in_channels": 3, "out_channels": 3, "dropout": 0.0, "num_class_embeds": None, "downsample_padding": 1,
+            "num_train_timesteps": None}
+REQUIRED = ("block_out_channels", "down_block_types", "up_block_types")
+
+
+def _refuse(field: str, value, supported: str) -> ValueError:
+    return ValueError(f"diffusers config: {field}={value!r} is not supported by cmfast (supported: {supported}); "
+                      "cmfast computes the consistency-model U-Net exactly and refuses what it would compute differently")
+
+
+def _same(value, supported) -> bool:
+    """JSON-equal: True is not 1, 1.0 is 1, None only None."""
+    if supported is None or isinstance(supported, bool):
+        return value is supported
+    if isinstance(supported, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == supported
+    return value == supported
+
+
+def check(cfg: dict) -> dict:
+    """cfg with diffusers' defaults filled in, if cmfast computes it exactly; else a ValueError naming the field,
+    its value and what cmfast supports."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"diffusers config: expected a JSON object, got {type(cfg).__name__}")
+    missing = [f for f in REQUIRED if f not in cfg]
+    if missing:
+        raise ValueError(f"diffusers config: missing field(s) {', '.join(missing)}")
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    unknown = sorted(set(cfg) - set(FIXED) - ANY)
+    if unknown:
+        raise ValueError(f"diffusers config: unknown field(s) {', '.join(unknown)} (a UNet2DModel of another diffusers "
+                         "version?); cmfast does not guess what they change")
+    for field, values in FIXED.items():
+        if not any(_same(cfg[field], v) for v in values):
+            raise _refuse(field, cfg[field], " or ".join(repr(v) for v in values))
+    if cfg["attn_norm_num_groups"] is None and cfg["resnet_time_scale_shift"] != "default":
+        # UNet2DModel's middle attention then has no GroupNorm at all
+        raise _refuse("attn_norm_num_groups", None, "32, or None with resnet_time_scale_shift 'default'")
+    widths = cfg["block_out_channels"]
+    if not (isinstance(widths, (list, tuple)) and widths and all(isinstance(w, int) and w > 0 for w in widths)):
+        raise _refuse("block_out_channels", widths, "a list of positive ints")
+    if any(w % widths[0] for w in widths):
+        raise _refuse("block_out_channels", widths, "multiples of the first width (the reference's channel_mult)")
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    if len(down) != len(widths) or any(t not in DOWN_TYPES for t in down):
+        raise _refuse("down_block_types", down, f"one of {', '.join(DOWN_TYPES)} per width")
+    if up != [UP_OF[t] for t in reversed(down)]:
+        raise _refuse("up_block_types", up, f"the mirror of down_block_types: {[UP_OF[t] for t in reversed(down)]}")
+    head = cfg["attention_head_dim"]
+    attention_widths = [w for w, t in zip(widths, down) if t.startswith("Attn")] + [widths[-1]]  # + the middle block
+    if not isinstance(head, int) or head <= 0 or any(w % head for w in attention_widths):
+        raise _refuse("attention_head_dim", head, f"a head width dividing every attention width {attention_widths}")
+    if cfg["time_embedding_dim"] not in (None, 4 * widths[0]):
+        raise _refuse("time_embedding_dim", cfg["time_embedding_dim"], f"None or {4 * widths[0]}")
+    return cfg

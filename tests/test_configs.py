@@ -1,0 +1,132 @@
+"""Every configuration of diffusers' UNet2DModel is computed exactly (fp32 within 1e-5 of diffusers, every weight
+random) or refused at swap/load time with an error naming the field, its value and what cmfast supports: never
+silently different."""
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from reference_models import randomize_
+
+import cmfast
+from cmfast.models import PRESETS, keymap
+
+BASE = {k: v for k, v in keymap.diffusers_config(PRESETS["test_imagenet"].unet).items() if not k.startswith("_")}
+
+EXACT = {
+    "released layout": {},
+    "head width 8": {"attention_head_dim": 8},
+    "head width 32": {"attention_head_dim": 32},
+    "no scale-shift": {"resnet_time_scale_shift": "default"},
+    "unconditional": {"num_class_embeds": None},
+    "attn_norm_num_groups unset, no scale-shift": {"attn_norm_num_groups": None, "resnet_time_scale_shift": "default"},
+    "defaults left out": {"_drop": ["freq_shift", "flip_sin_to_cos", "act_fn", "norm_eps", "center_input_sample"]},
+}
+REFUSED = {  # field -> a value diffusers builds and cmfast would compute differently
+    "norm_num_groups": 16,
+    "attn_norm_num_groups": None,  # with scale-shift: UNet2DModel's middle attention has no norm then
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "center_input_sample": True,
+    "act_fn": "gelu",
+    "norm_eps": 1e-6,
+    "upsample_type": "interpolation",
+    "downsample_type": "conv",
+    "mid_block_scale_factor": 2,
+    "add_attention": False,
+    "attention_head_dim": None,
+    "class_embed_type": "timestep",
+    "time_embedding_type": "fourier",
+}
+
+
+def build(changes: dict, gen) -> UNet2DModel:
+    config = dict(BASE)
+    for field in changes.get("_drop", []):
+        config.pop(field, None)
+    config.update({k: v for k, v in changes.items() if k != "_drop"})
+    if config.get("time_embedding_type") == "fourier":
+        config["flip_sin_to_cos"] = False  # fourier features with the conversion's other choices
+    return randomize_(UNet2DModel(**config), gen).eval()
+
+
+@pytest.mark.parametrize("changes", EXACT.values(), ids=EXACT.keys())
+def test_supported_configurations_are_exact(changes, gen):
+    ref = build(changes, gen)
+    ours = cmfast.swap(ref)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    t = torch.tensor([10.0, -300.0])
+    y = None if ref.config.num_class_embeds is None else torch.tensor([3, 9])
+    with torch.no_grad():
+        want, got = ref(x, t, class_labels=y).sample, ours(x, t, class_labels=y).sample
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("field, value", REFUSED.items(), ids=REFUSED.keys())
+def test_other_configurations_are_refused_by_name(field, value, gen, tmp_path):
+    ref = build({field: value}, gen)
+    with pytest.raises(ValueError, match=f"diffusers config: {field}={value!r} is not supported by cmfast"):
+        cmfast.swap(ref)
+    ref.save_pretrained(tmp_path / "m")  # and from a folder on disk: the same refusal
+    with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
+        cmfast.load(tmp_path / "m")
+
+
+def test_unknown_and_missing_fields(gen, tmp_path):
+    ref = build({}, gen)
+    ref.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "future_option": 3}))
+    with pytest.raises(ValueError, match="unknown field.* future_option"):
+        cmfast.load(tmp_path / "m")
+    del config["block_out_channels"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing field.* block_out_channels"):
+        cmfast.load(tmp_path / "m")
+
+
+def test_down_and_up_types_must_mirror():
+    from cmfast.models import diffusers_config
+
+    with pytest.raises(ValueError, match="up_block_types"):
+        diffusers_config.check({**BASE, "up_block_types": list(reversed(BASE["up_block_types"]))})
+    with pytest.raises(ValueError, match="down_block_types"):
+        diffusers_config.check({**BASE, "down_block_types": ["DownBlock2D"] + BASE["down_block_types"][1:]})
+    with pytest.raises(ValueError, match="block_out_channels"):
+        diffusers_config.check({**BASE, "block_out_channels": [32, 48, 64]})
+
+
+def openai_style(gen, **attributes):
+    """A module with the openai key names and the reference UNetModel's attributes (its head and fp16 settings)."""
+    from cmfast.models import UNet
+
+    source = randomize_(UNet(PRESETS["test_lsun"].unet), gen).eval()
+    holder = torch.nn.Module()
+    for key, value in source.state_dict().items():
+        holder.register_parameter(key.replace(".", "__"), torch.nn.Parameter(value.clone()))
+    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_parameters()}
+    holder.image_size = 16
+    for name, value in attributes.items():
+        setattr(holder, name, value)
+    return source, holder
+
+
+def test_openai_heads_given_by_count_are_refused(gen):
+    _, holder = openai_style(gen, num_heads=4, num_head_channels=-1)
+    with pytest.raises(ValueError, match="num_head_channels=-1 with num_heads=4 .* one head width"):
+        cmfast.swap(holder)
+
+
+def test_openai_fp16_mode_is_kept(gen):
+    _, holder = openai_style(gen, num_head_channels=32, dtype=torch.float16)  # what use_fp16=True sets
+    assert cmfast.swap(holder).precision == "fp16"
+    _, holder = openai_style(gen, num_head_channels=32, dtype=torch.float32)
+    assert cmfast.swap(holder).precision == "fp32"
+
+
+def test_swap_of_a_cmfast_unet_keeps_its_config_and_mode(gen):
+    source, _ = openai_style(gen)
+    source.set_precision("bf16")
+    swapped = cmfast.swap(source)
+    assert swapped.config == source.config and swapped.precision == "bf16"
