@@ -80,3 +80,26 @@ def test_pipeline_moves_to_bfloat16_after_the_swap(gen):
     out = pipe(batch_size=2, class_labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(3),
                num_inference_steps=1, output_type="pt").images
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out.float()).all()
+
+
+def test_pipeline_saved_after_the_swap_loads_in_plain_diffusers(gen, tmp_path):
+    from diffusers import UNet2DModel
+
+    pipe = pipeline(diffusers_unet("test_imagenet", gen))
+    labels = torch.tensor([0, 3])
+
+    def images(p):
+        return p(batch_size=2, class_labels=labels, generator=torch.Generator().manual_seed(7), output_type="pt",
+                 num_inference_steps=1).images
+
+    before = images(pipe)
+    pipe.unet = cmfast.swap(pipe.unet)
+    pipe.save_pretrained(tmp_path / "saved")
+    index = __import__("json").loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    loaded = ConsistencyModelPipeline.from_pretrained(tmp_path / "saved")
+    assert type(loaded.unet) is UNet2DModel  # plain diffusers, no cmfast inside
+    loaded.set_progress_bar_config(disable=True)
+    assert (images(loaded) - before).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="variant='fp16'"):
+        pipe.unet.save_pretrained(tmp_path / "v", variant="fp16")

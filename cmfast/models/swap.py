@@ -3,12 +3,13 @@ return type. `pipe.unet = cmfast.swap(pipe.unet)` inside diffusers' ConsistencyM
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import load
+from .checkpoint import load, save
 from .config import UNetConfig, infer_config
 from .keymap import config_from_diffusers, diffusers_to_openai
 from .unet import PrecisionMoves, UNet
@@ -48,6 +49,30 @@ class DiffusersUNet(PrecisionMoves, nn.Module):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
+@functools.cache
+def saveable_diffusers_unet() -> type:
+    """DiffusersUNet as a diffusers ModelMixin, so that `pipe.save_pretrained` saves it, as a folder plain diffusers
+    loads: diffusers saves only ModelMixin components, and model_index.json records each component's library (from
+    its `__module__`) and class name, read back by plain diffusers as the class to load. The class is therefore
+    named UNet2DModel and each instance says it comes from diffusers: the saved unet/ is a UNet2DModel folder (its
+    config and weights, cmfast.save's diffusers format). Built on first use: diffusers is not a dependency."""
+    from diffusers import ModelMixin
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None, **kwargs):
+        if variant is not None or not safe_serialization:
+            raise ValueError("save_pretrained of a cmfast-swapped unet: writes diffusion_pytorch_model.safetensors "
+                             f"only (variant={variant!r}, safe_serialization={safe_serialization!r} asked)")
+        save(self.unet, save_directory, overwrite=True)
+
+    def init(self, unet: UNet, config):
+        DiffusersUNet.__init__(self, unet, config)
+        self.__module__ = "diffusers.models.unets.unet_2d"  # what model_index.json records: see above
+
+    return type("UNet2DModel", (DiffusersUNet, ModelMixin), {
+        "__init__": init, "save_pretrained": save_pretrained, "__module__": __name__,
+        "__doc__": "A cmfast U-Net behind diffusers' UNet2DModel interface, saved as a UNet2DModel folder."})
+
+
 def _head_width(model: nn.Module) -> int:
     """The head width of an openai-style model: num_head_channels, or, where that is -1, channels / num_heads, which
     cmfast takes only when it is one width at every attention level (it has one head width)."""
@@ -77,7 +102,8 @@ def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
         state = diffusers_to_openai(model.state_dict(), config)
         half = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else None
         unet = load(state, config=config, device=device, dtype=half, channels_last=channels_last)
-        return DiffusersUNet(unet.requires_grad_(model.training), model.config).train(model.training)
+        wrapper = saveable_diffusers_unet()(unet.requires_grad_(model.training), model.config)
+        return wrapper.train(model.training)
     state = model.state_dict()
     config = infer_config(state, num_head_channels=_head_width(model), image_size=getattr(model, "image_size", None))
     # the reference's fp16 mode (use_fp16=True / convert_to_fp16()) shows as model.dtype; so does cmfast.UNet's
