@@ -255,7 +255,8 @@ def _run(name: str):
 
         try:
             return getattr(commands, name)(args)
-        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+        except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ImportError) as e:
+            # ImportError: an optional extra is missing (scikit-learn for the digits commands); the message names it
             print(f"cmfast {args.command}: {e}", file=sys.stderr)
             return 2
 

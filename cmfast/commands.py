@@ -93,7 +93,9 @@ def run_sample(args: argparse.Namespace) -> int:
     denoiser = Denoiser(model.unet, kind=model.kind, cuda_graph=args.cuda_graph)
     size, channels = model.unet.config.image_size, model.unet.config.in_channels
     results, all_labels = [], []
-    with tqdm(total=args.num, unit="img", desc=f"{model.name}: {len(levels)} level(s)") as bar:
+    calls = 2 * len(levels) - 1 if model.kind == "edm" else len(levels)  # Heun: two calls a step but the last
+    desc = f"sampling {model.name}, {calls} network call{'s' if calls > 1 else ''} an image"
+    with tqdm(total=args.num, unit="img", desc=desc) as bar:
         for start in range(0, args.num, args.batch):
             indices = range(start, min(start + args.batch, args.num))
             gens = sampling.generators_for(args.seed, indices)
@@ -117,6 +119,19 @@ def _check_size(name: str, image: torch.Tensor, sizes: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: expected a square image of {' or '.join(map(str, sizes))} px, got {w}x{h}")
 
 
+def _calls_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=" network calls", desc=desc)
+
+
+def _edit_progress(task: str):
+    """A progress bar of the edit's network calls (the editing functions report each through their callback)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(unit=" network calls", desc=task, disable=task in ("denoise", "interpolate"))
+
+
 def run_edit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result_png, compare_png = out / f"{args.task}.png", out / f"{args.task}_before_after.png"
@@ -130,13 +145,17 @@ def run_edit(args: argparse.Namespace) -> int:
     given = [args.class_label] if args.class_label is not None else None
     check_labels(model, given)
     y = labels_for(model, [0], gens, given, device)
+    if y is not None and given is None:
+        print(f"class label: {int(y[0])} (drawn from --seed {args.seed}; --class-label chooses one)")
     den = model.denoiser
-    kw = {"y": y, "generator": gens}
+    bar = _edit_progress(args.task)
+    kw = {"y": y, "generator": gens, "callback": lambda info: bar.update(1)}
     if args.task == "interpolate":
         shape = (1, model.unet.config.in_channels, size, size)
         z0 = sampling.randn(shape, sampling.generators_for(args.seed, [0]), device)
         z1 = sampling.randn(shape, sampling.generators_for(args.seed, [1]), device)
         frames = editing.interpolate(den, z0, z1, np.linspace(0, 1, args.frames), y=y)[:, 0]
+        bar.close()
         strip = images.grid(images.to_uint8(frames), columns=args.frames)
         images.save_png(result_png, strip)
         images.save_png(compare_png, strip)
@@ -168,6 +187,7 @@ def run_edit(args: argparse.Namespace) -> int:
             if args.add_noise:
                 before = image + args.sigma * sampling.randn(image.shape, gens, device)
             result = editing.denoise(den, before, args.sigma, y=y)
+    bar.close()
     original = image if image.shape[-1] == size else before
     pair = images.to_uint8(torch.cat([before.clamp(-1, 1), original, result]))
     images.save_png(result_png, images.to_uint8(result)[0])
@@ -201,7 +221,8 @@ def digits_two_step(model: pretrained.Model) -> list[float]:
     return schedules.two_step_sigmas(model.name if model.name in schedules.TWO_STEP else "digits").tolist()
 
 
-def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels,
+                   callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """per_class samples of every class, each from its own seeded generator."""
     n_classes = model.unet.config.num_classes
     indices = range(n_classes * per_class)
@@ -209,7 +230,7 @@ def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels) -
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     c, size = model.unet.config.in_channels, model.unet.config.image_size
     x = levels[0] * sampling.randn((len(indices), c, size, size), gens, "cpu")
-    return sampling.sample(model.denoiser, x, levels, y=labels, generator=gens), labels
+    return sampling.sample(model.denoiser, x, levels, y=labels, generator=gens, callback=callback), labels
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -226,9 +247,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     rows = [("held-out real digits", *scorer.score(data.test_x, data.test_y)),
             ("real digits (train)", *scorer.score(data.train_x[:n], data.train_y[:n])),
             ("uniform noise", *scorer.score(noise, data.test_y[:n]))]
-    for name, levels in (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model))):
-        images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)))
-        rows.append((name, *scorer.score(images_, labels)))
+    runs = (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model)))
+    with _calls_bar(sum(len(levels) for _, levels in runs), f"sampling {args.num_per_class * 10} digits") as bar:
+        for name, levels in runs:
+            images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)),
+                                             callback=lambda info: bar.update(1))
+            rows.append((name, *scorer.score(images_, labels)))
     print(f"{'':<24}{'recognised as asked':>20}{'Frechet distance':>18}")
     for name, acc, fd in rows:
         print(f"{name:<24}{acc:>19.1%}{fd:>18.2f}")
@@ -249,16 +273,22 @@ def run_demo(args: argparse.Namespace) -> int:
     names = ["one_step.png", "two_step.png", "inpaint.png", "denoise.png"]
     images.check_writable([out / n for n in names], args.force)
     model = pretrained.find(args.checkpoint)
-    one, _ = digits_samples(model, 1, args.seed, [80.0])
-    two, _ = digits_samples(model, 1, args.seed, digits_two_step(model))
-    data = digits.load(model.unet.config.image_size)
+    data = digits.load(model.unet.config.image_size)  # first: a missing scikit-learn stops the demo before any work
+    edit_levels = consistency_levels(args, model, 39)
+    two_levels = digits_two_step(model)
+    bar = _calls_bar(1 + len(two_levels) + len(edit_levels) + 1, "demo")
+    step = {"callback": lambda info: bar.update(1)}
+    one, _ = digits_samples(model, 1, args.seed, [80.0], **step)
+    two, _ = digits_samples(model, 1, args.seed, two_levels, **step)
     real = torch.stack([data.test_x[data.test_y == c][0] for c in range(10)])
     labels = torch.arange(10)
     gens = sampling.generators_for(args.seed, range(10))
     mask = masks.half(real.shape[-1], "top")
-    filled = editing.inpaint(model.denoiser, real, mask, consistency_levels(args, model, 39), y=labels, generator=gens)
+    filled = editing.inpaint(model.denoiser, real, mask, edit_levels, y=labels, generator=gens, **step)
     noisy = real + 0.5 * sampling.randn(real.shape, gens, "cpu")
     denoised = editing.denoise(model.denoiser, noisy, 0.5, y=labels)
+    bar.update(1)
+    bar.close()
     erased = editing.Pixels(mask.expand_as(real)).erase(real)
     outputs = {
         "one_step.png": images.grid(images.to_uint8(one), columns=10),

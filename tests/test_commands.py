@@ -167,3 +167,31 @@ def test_tune_bad_environment(checkpoint, tmp_path, monkeypatch, capsys):
     assert "CMFAST_TUNE: expected 0" in capsys.readouterr().err
     assert main(["info"]) == 0  # info reports it instead of failing
     assert "CMFAST_TUNE: expected 0" in capsys.readouterr().out
+
+
+def test_progress_and_class_messages(checkpoint, image_file, tmp_path, capsys):
+    assert main(["sample", checkpoint, "--num", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert "network calls an image" in capsys.readouterr().err
+    assert main(["edit", "inpaint", checkpoint, "--image", image_file, "--steps", "3", "--mask", "glyph:S",
+                 "--seed", "4", "--out", str(tmp_path / "e")]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"class label: \d+ \(drawn from --seed 4; --class-label chooses one\)", captured.out)
+    assert "inpaint: 3 network calls" in captured.err
+    assert main(["edit", "inpaint", checkpoint, "--image", image_file, "--steps", "3", "--mask", "glyph:S",
+                 "--class-label", "2", "--out", str(tmp_path / "e2")]) == 0
+    assert "class label" not in capsys.readouterr().out
+
+
+def test_missing_extra_is_one_line(monkeypatch, tmp_path, capsys):
+    from cmfast import digits
+
+    def missing():
+        raise ImportError("the digits data and scorer (cmfast train, evaluate, demo) need scikit-learn: "
+                          "pip install 'cmfast[digits]'")
+
+    monkeypatch.setattr(digits, "_require_sklearn", missing)
+    for argv in (["demo", "--out", str(tmp_path / "d")], ["evaluate"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "need scikit-learn: pip install 'cmfast[digits]'" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
