@@ -79,4 +79,13 @@ def cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(ext_modules=extensions(), cmdclass=cmdclass())
+def requirements() -> list[str]:
+    """The torch this build compiles against, pinned (its release, whatever the local build tag: 2.13.0 for
+    2.13.0+cpu): cmfast._C loads only with that torch, and a wheel that allowed another would install and then run
+    without its kernels."""
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "pillow", "tqdm"]
+
+
+setup(ext_modules=extensions(), cmdclass=cmdclass(), install_requires=requirements())

@@ -45,7 +45,10 @@ def _load() -> ExtensionStatus:
         return ExtensionStatus(False, False, False, f"cmfast._C could not be imported ({e})")
     info = dict(module.build_info())
     if info["torch_version"] != torch.__version__:
-        reason = f"cmfast._C was built against torch {info['torch_version']}, this is torch {torch.__version__}"
+        built = info["torch_version"]
+        reason = (f"cmfast._C was built against torch {built}, this is torch {torch.__version__}: install that torch "
+                  f"(pip install 'torch=={built.split('+')[0]}') or rebuild cmfast against this one "
+                  "(pip install --no-build-isolation -e . in its checkout)")
         return ExtensionStatus(False, False, False, reason, info)
     current = _source_hash()
     if current is not None and current != info["source_hash"]:

@@ -14,6 +14,18 @@ echo "== building the wheel"
 "$python" -m pip wheel "$root" --no-build-isolation --no-deps -q -w "$tmp/dist"
 wheel=$(ls "$tmp"/dist/cmfast-*.whl)
 echo "   $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"
+# its compiled part loads only with the torch it was built against: the wheel must require exactly that release
+built=$("$python" -c "import torch; print(torch.__version__.split('+')[0])")
+"$python" - "$wheel" "$built" <<'PY'
+import sys, zipfile
+wheel, built = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+    requires = [l.split(":", 1)[1].strip() for l in z.read(meta).decode().splitlines() if l.startswith("Requires-Dist:")]
+torch_req = [r for r in requires if r.split(";")[0].replace(" ", "").startswith("torch")]
+assert torch_req == [f"torch=={built}"], f"the wheel requires {torch_req}, not torch=={built}"
+print(f"   requires torch=={built} (the torch it was built against)")
+PY
 
 echo "== installing it into a fresh venv"
 "$python" -m venv "$tmp/venv"
