@@ -8,7 +8,8 @@ with the reference backend forced for every op: the reference-style eager model)
 channels_last forward captured once in a CUDA graph and replayed: no launch overhead), diffusers (UNet2DModel), and
 convs-only: the U-Net's convolutions alone, each run on an input of the shape it gets in the forward, one after the
 other, so the time the rest of the model adds (norms, attention, elementwise ops, copies) is the difference.
-sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), on a GPU cmfast-cuda-graph (the same
+sample_1step / sample_2step providers: cmfast (cmfast.sample with a Denoiser), cmfast-swapped-pipeline
+(cmfast.swap(pipe): ConsistencyModelPipeline's call run by cmfast's sampler), on a GPU cmfast-cuda-graph (the same
 with Denoiser(unet, cuda_graph=True): each network call replayed from a CUDA graph), diffusers-pipeline
 (ConsistencyModelPipeline, num_inference_steps=1 / timesteps=[22, 0], output_type="pt"), and
 diffusers-pipeline+cmfast (that pipeline with its unet swapped for cmfast.swap(unet)).
@@ -327,6 +328,9 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
         # its own warm-up key: the pipeline hands the U-Net x in the model's dtype, another class of call to measure
         providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",
                                                   "cmfast-in-pipeline")
+        providers["cmfast-swapped-pipeline"] = (pipe_call(cmfast.swap(models.pipe_cmfast)),
+                                                "cmfast.swap(pipe): the pipeline's call, cmfast's sampler loop",
+                                                "cmfast-in-pipeline")
     if models.compiled:
         providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))",
                                        None)

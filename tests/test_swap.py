@@ -103,3 +103,52 @@ def test_pipeline_saved_after_the_swap_loads_in_plain_diffusers(gen, tmp_path):
     assert (images(loaded) - before).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="variant='fp16'"):
         pipe.unet.save_pretrained(tmp_path / "v", variant="fp16")
+
+
+@pytest.mark.parametrize("call", [
+    {"num_inference_steps": 1},
+    {"timesteps": [22, 0]},
+    {"timesteps": [30, 12, 0], "class_labels": [1, 2, 3]},
+    {"num_inference_steps": 1, "class_labels": torch.tensor([4, 5, 6])},
+    {"num_inference_steps": 1, "per_sample_generators": True},
+    {"timesteps": [22, 0], "latents": True, "return_dict": False},
+], ids=["one-step", "two-step", "three-step labels", "tensor labels", "generator list", "latents, tuple"])
+def test_swapped_pipeline_same_call_same_images(call, gen):
+    call = dict(call)
+    pipe = pipeline(diffusers_unet("test_imagenet", gen))
+    if call.pop("latents", False):
+        call["latents"] = 80.0 * torch.randn(3, 3, 16, 16, generator=gen)
+    per_sample = call.pop("per_sample_generators", False)
+
+    def run(p):
+        torch.manual_seed(5)  # the pipeline draws missing class labels from torch's global generator
+        g = ([torch.Generator().manual_seed(s) for s in (1, 2, 3)] if per_sample
+             else torch.Generator().manual_seed(11))
+        out = p(batch_size=3, generator=g, output_type="pt", **call)
+        return out[0] if call.get("return_dict") is False else out.images
+
+    before = run(pipe)
+    fast = cmfast.swap(pipe)
+    assert fast.scheduler is pipe.scheduler and isinstance(fast.unet.unet, cmfast.UNet)
+    steps = []
+    torch.manual_seed(5)
+    after = fast(batch_size=3, generator=torch.Generator().manual_seed(11), output_type="pt",
+                 callback=lambda i, t, x: steps.append(i), **{k: v for k, v in call.items() if k != "return_dict"}) \
+        if not per_sample and call.get("return_dict") is not False else None
+    if after is not None:
+        assert steps == list(range(len(call.get("timesteps", [0]))))
+        after = after.images
+    else:
+        after = run(fast)
+    assert after.shape == before.shape == (3, 3, 16, 16)
+    assert (after - before).abs().max() <= 1e-5
+
+
+def test_swapped_pipeline_moves_and_saves(gen, tmp_path):
+    pipe = pipeline(diffusers_unet("test_imagenet", gen))
+    fast = cmfast.swap(pipe)
+    assert fast.to(torch.bfloat16) is fast and fast.unet.dtype == torch.bfloat16
+    images = fast(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.bfloat16
+    fast.to(torch.float32).save_pretrained(tmp_path / "p")
+    assert ConsistencyModelPipeline.from_pretrained(tmp_path / "p").unet.__class__.__module__.startswith("diffusers")

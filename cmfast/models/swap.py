@@ -89,10 +89,16 @@ def _head_width(model: nn.Module) -> int:
 
 def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """A cmfast U-Net with `model`'s weights: for a diffusers UNet2DModel, wrapped in its interface; for an openai
-    UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None)).
+    UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None)); for a diffusers
+    ConsistencyModelPipeline, the pipeline run by cmfast's U-Net and sampler (cmfast.pipeline: same call, same images).
     channels_last: as cmfast.load (None: the layout measured faster, outputs NCHW)."""
+    from ..pipeline import ConsistencyPipeline, is_consistency_pipeline
+
+    if is_consistency_pipeline(model):  # the sampler too: the same call and images, cmfast's loop
+        return ConsistencyPipeline(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model: expected an nn.Module or a diffusers ConsistencyModelPipeline, got "
+                        f"{type(model).__name__}")
     param = next(model.parameters(), None)
     if param is None:
         raise ValueError("model: has no parameters to take")
