@@ -28,3 +28,15 @@ def diffusers_unet(preset: str, gen: torch.Generator | None = None, device="cpu"
     with torch.device(device):
         model = UNet2DModel(**config)
     return randomize_(model, gen).eval() if gen is not None else model.eval()
+
+
+def openai_style(source: torch.nn.Module, **attributes) -> torch.nn.Module:
+    """A stand-in for the reference's UNetModel: a module holding `source`'s parameters under the openai key names,
+    with the attributes given (num_head_channels, num_heads, image_size, dtype, input_blocks, ...)."""
+    holder = torch.nn.Module()
+    for key, value in source.state_dict().items():
+        holder.register_parameter(key.replace(".", "__"), torch.nn.Parameter(value.clone(), requires_grad=False))
+    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_parameters()}
+    for name, value in attributes.items():
+        setattr(holder, name, value)
+    return holder

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-from reference_models import randomize_
+from reference_models import openai_style, randomize_
 
 import cmfast
 from cmfast.models import PRESETS, keymap
@@ -97,36 +97,28 @@ def test_down_and_up_types_must_mirror():
         diffusers_config.check({**BASE, "block_out_channels": [32, 48, 64]})
 
 
-def openai_style(gen, **attributes):
-    """A module with the openai key names and the reference UNetModel's attributes (its head and fp16 settings)."""
+def lsun_pair(gen, **attributes):
     from cmfast.models import UNet
 
     source = randomize_(UNet(PRESETS["test_lsun"].unet), gen).eval()
-    holder = torch.nn.Module()
-    for key, value in source.state_dict().items():
-        holder.register_parameter(key.replace(".", "__"), torch.nn.Parameter(value.clone()))
-    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_parameters()}
-    holder.image_size = 16
-    for name, value in attributes.items():
-        setattr(holder, name, value)
-    return source, holder
+    return source, openai_style(source, image_size=16, **attributes)
 
 
 def test_openai_heads_given_by_count_are_refused(gen):
-    _, holder = openai_style(gen, num_heads=4, num_head_channels=-1)
+    _, holder = lsun_pair(gen, num_heads=4, num_head_channels=-1)
     with pytest.raises(ValueError, match="num_head_channels=-1 with num_heads=4 .* one head width"):
         cmfast.swap(holder)
 
 
 def test_openai_fp16_mode_is_kept(gen):
-    _, holder = openai_style(gen, num_head_channels=32, dtype=torch.float16)  # what use_fp16=True sets
+    _, holder = lsun_pair(gen, num_head_channels=32, dtype=torch.float16)  # what use_fp16=True sets
     assert cmfast.swap(holder).precision == "fp16"
-    _, holder = openai_style(gen, num_head_channels=32, dtype=torch.float32)
+    _, holder = lsun_pair(gen, num_head_channels=32, dtype=torch.float32)
     assert cmfast.swap(holder).precision == "fp32"
 
 
 def test_swap_of_a_cmfast_unet_keeps_its_config_and_mode(gen):
-    source, _ = openai_style(gen)
+    source, _ = lsun_pair(gen)
     source.set_precision("bf16")
     swapped = cmfast.swap(source)
     assert swapped.config == source.config and swapped.precision == "bf16"

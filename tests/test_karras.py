@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from reference_models import randomize_
+from reference_models import openai_style, randomize_
 
 import cmfast
 from cmfast.models import PRESETS, UNet
@@ -124,13 +124,8 @@ def test_heun(unet, churn):
 
 
 def test_a_reference_style_model_is_swapped_once(unet):
-    holder = torch.nn.Module()
-    holder.input_blocks = torch.nn.ModuleList()  # what marks an openai UNetModel
-    for key, value in unet.state_dict().items():
-        holder.register_buffer(key.replace(".", "__"), value.clone())
-    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_buffers()}
-    holder.num_head_channels, holder.image_size = 16, 16
-    holder.parameters = lambda: iter([next(holder.buffers())])
+    # input_blocks: what marks an openai UNetModel
+    holder = openai_style(unet, input_blocks=torch.nn.ModuleList(), num_head_channels=16, image_size=16)
     from cmfast import karras
 
     first = cmfast.karras_sample(CD, holder, SHAPE, 40, sampler="onestep", model_kwargs={"y": Y}, generator=Recording(5))

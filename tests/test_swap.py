@@ -4,7 +4,7 @@ diffusers' ConsistencyModelPipeline too."""
 import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
-from reference_models import diffusers_unet, randomize_
+from reference_models import diffusers_unet, openai_style, randomize_
 
 import cmfast
 from cmfast.models import PRESETS, UNet
@@ -52,13 +52,7 @@ def test_swapped_diffusers_unet_keeps_its_interface(gen):
 def test_swap_an_openai_style_model(gen):
     """Anything with the openai key names (here a plain container of them) becomes a cmfast.UNet."""
     source = randomize_(UNet(PRESETS["test_lsun"].unet), gen).eval()
-    holder = torch.nn.Module()
-    for key, value in source.state_dict().items():
-        holder.register_parameter(key.replace(".", "__"), torch.nn.Parameter(value.clone()))
-    holder.state_dict = lambda: {k.replace("__", "."): v for k, v in holder.named_parameters()}
-    holder.num_head_channels = 32
-    holder.image_size = 16
-    swapped = cmfast.swap(holder)
+    swapped = cmfast.swap(openai_style(source, num_head_channels=32, image_size=16))
     assert isinstance(swapped, cmfast.UNet) and swapped.config == PRESETS["test_lsun"].unet
     x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([5.0, 700.0])
     with torch.no_grad():
