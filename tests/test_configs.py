@@ -22,13 +22,17 @@ EXACT = {
     "unconditional": {"num_class_embeds": None},
     "attn_norm_num_groups unset, no scale-shift": {"attn_norm_num_groups": None, "resnet_time_scale_shift": "default"},
     "defaults left out": {"_drop": ["freq_shift", "flip_sin_to_cos", "act_fn", "norm_eps", "center_input_sample"]},
+    "16 groups": {"norm_num_groups": 16, "attn_norm_num_groups": 16},
+    "8 groups, attention norm unset": {"norm_num_groups": 8, "attn_norm_num_groups": None,
+                                       "resnet_time_scale_shift": "default"},
+    "frequency shift 1": {"freq_shift": 1},
+    "sin before cos": {"flip_sin_to_cos": False},
+    "centred input": {"center_input_sample": True},
+    "all four": {"norm_num_groups": 16, "attn_norm_num_groups": 16, "freq_shift": 1, "flip_sin_to_cos": False,
+                 "center_input_sample": True},
 }
 REFUSED = {  # field -> a value diffusers builds and cmfast would compute differently
-    "norm_num_groups": 16,
     "attn_norm_num_groups": None,  # with scale-shift: UNet2DModel's middle attention has no norm then
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-    "center_input_sample": True,
     "act_fn": "gelu",
     "norm_eps": 1e-6,
     "upsample_type": "interpolation",

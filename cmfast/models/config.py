@@ -24,6 +24,11 @@ class UNetConfig:
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
     dropout: float = 0.0
+    # What diffusers' UNet2DModel can set and the released models do not (the reference's values are the defaults):
+    num_groups: int = 32  # of every GroupNorm
+    freq_shift: int = 0  # the time embedding's frequencies exp(-ln(10000) i / (half - freq_shift))
+    flip_sin_to_cos: bool = True  # [cos, sin] (the reference's order) or [sin, cos]
+    center_input_sample: bool = False  # the network input mapped x -> 2x - 1 first
 
     def __post_init__(self):
         if not self.resblock_updown:

@@ -12,9 +12,10 @@ error. The table (also in the README):
 | downsample_type / upsample_type | "resnet" (a ResBlock resamples, as in the reference) |
 | attention_head_dim | the head width: an int dividing every attention level's width |
 | resnet_time_scale_shift | "default" or "scale_shift" |
-| time_embedding_type "positional", flip_sin_to_cos true, freq_shift 0, time_embedding_dim none or 4 x the first width | the reference's sinusoidal embedding |
-| norm_num_groups 32, attn_norm_num_groups 32 (or none without scale-shift), norm_eps 1e-5 | the reference's GroupNorm |
-| act_fn "silu", center_input_sample false, mid_block_type "UNetMidBlock2D", mid_block_scale_factor 1, add_attention true, class_embed_type none | the reference's choices |
+| flip_sin_to_cos, freq_shift, center_input_sample | any (the reference: true, 0, false) |
+| norm_num_groups | a divisor of every width (the reference: 32); attn_norm_num_groups the same, or none without scale-shift |
+| time_embedding_type "positional", time_embedding_dim none or 4 x the first width, norm_eps 1e-5 | the reference's |
+| act_fn "silu", mid_block_type "UNetMidBlock2D", mid_block_scale_factor 1, add_attention true, class_embed_type none | the reference's choices |
 | downsample_padding, num_train_timesteps | any (unused by this architecture) |
 """
 
@@ -24,17 +25,12 @@ DOWN_TYPES = ("ResnetDownsampleBlock2D", "AttnDownBlock2D")
 UP_OF = {"ResnetDownsampleBlock2D": "ResnetUpsampleBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
 # field -> the values cmfast computes exactly (a tuple), or None for any value
 FIXED = {
-    "center_input_sample": (False,),
     "time_embedding_type": ("positional",),
-    "flip_sin_to_cos": (True,),
-    "freq_shift": (0,),
     "mid_block_type": ("UNetMidBlock2D",),
     "mid_block_scale_factor": (1,),
     "downsample_type": ("resnet",),
     "upsample_type": ("resnet",),
     "act_fn": ("silu",),
-    "norm_num_groups": (32,),
-    "attn_norm_num_groups": (None, 32),
     "norm_eps": (1e-5,),
     "resnet_time_scale_shift": ("default", "scale_shift"),
     "add_attention": (True,),
@@ -42,7 +38,8 @@ FIXED = {
 }
 ANY = {"sample_size", "in_channels", "out_channels", "layers_per_block", "dropout", "num_class_embeds",
        "downsample_padding", "num_train_timesteps", "block_out_channels", "down_block_types", "up_block_types",
-       "attention_head_dim", "time_embedding_dim"}  # the last five checked below
+       "attention_head_dim", "time_embedding_dim", "center_input_sample", "flip_sin_to_cos", "freq_shift",
+       "norm_num_groups", "attn_norm_num_groups"}  # all but the first eight checked below
 # diffusers' defaults for the fields a config may leave out (UNet2DModel's constructor)
 DEFAULTS = {"center_input_sample": False, "time_embedding_type": "positional", "flip_sin_to_cos": True,
             "freq_shift": 0, "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
@@ -84,14 +81,28 @@ def check(cfg: dict) -> dict:
     for field, values in FIXED.items():
         if not any(_same(cfg[field], v) for v in values):
             raise _refuse(field, cfg[field], " or ".join(repr(v) for v in values))
+    for field in ("center_input_sample", "flip_sin_to_cos"):
+        if not isinstance(cfg[field], bool):
+            raise _refuse(field, cfg[field], "true or false")
+    if not isinstance(cfg["freq_shift"], int) or isinstance(cfg["freq_shift"], bool) or cfg["freq_shift"] < 0:
+        raise _refuse("freq_shift", cfg["freq_shift"], "an int >= 0 below half the embedding width")
+    groups = cfg["norm_num_groups"]
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+        raise _refuse("norm_num_groups", groups, "a positive int dividing every width")
     if cfg["attn_norm_num_groups"] is None and cfg["resnet_time_scale_shift"] != "default":
         # UNet2DModel's middle attention then has no GroupNorm at all
-        raise _refuse("attn_norm_num_groups", None, "32, or None with resnet_time_scale_shift 'default'")
+        raise _refuse("attn_norm_num_groups", None, f"{groups} (norm_num_groups), or None without scale-shift")
+    if cfg["attn_norm_num_groups"] not in (None, groups):
+        raise _refuse("attn_norm_num_groups", cfg["attn_norm_num_groups"], f"None or norm_num_groups ({groups})")
     widths = cfg["block_out_channels"]
     if not (isinstance(widths, (list, tuple)) and widths and all(isinstance(w, int) and w > 0 for w in widths)):
         raise _refuse("block_out_channels", widths, "a list of positive ints")
     if any(w % widths[0] for w in widths):
         raise _refuse("block_out_channels", widths, "multiples of the first width (the reference's channel_mult)")
+    if any(w % groups for w in widths):
+        raise _refuse("norm_num_groups", groups, f"a divisor of every width {list(widths)}")
+    if cfg["freq_shift"] >= widths[0] // 2:
+        raise _refuse("freq_shift", cfg["freq_shift"], f"an int below half the embedding width ({widths[0] // 2})")
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     if len(down) != len(widths) or any(t not in DOWN_TYPES for t in down):
         raise _refuse("down_block_types", down, f"one of {', '.join(DOWN_TYPES)} per width")

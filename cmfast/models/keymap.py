@@ -127,8 +127,11 @@ def diffusers_config(config: UNetConfig) -> dict:
         "up_block_types": ["AttnUpBlock2D" if c.attention_levels[lv] else "ResnetUpsampleBlock2D"
                            for lv in reversed(range(levels))],
         "resnet_time_scale_shift": "scale_shift" if c.use_scale_shift_norm else "default",
-        "attn_norm_num_groups": 32,
-        "norm_num_groups": 32,
+        "attn_norm_num_groups": c.num_groups,
+        "norm_num_groups": c.num_groups,
+        "freq_shift": c.freq_shift,
+        "flip_sin_to_cos": c.flip_sin_to_cos,
+        "center_input_sample": c.center_input_sample,
         "norm_eps": 1e-5,
         "upsample_type": "resnet",
         "downsample_type": "resnet",
@@ -151,4 +154,6 @@ def config_from_diffusers(cfg: dict) -> UNetConfig:
         attention_resolutions=tuple(size // 2**lv for lv, a in enumerate(attn) if a),
         num_classes=cfg.get("num_class_embeds"), num_head_channels=cfg["attention_head_dim"],
         use_scale_shift_norm=cfg.get("resnet_time_scale_shift") == "scale_shift", dropout=cfg.get("dropout", 0.0),
+        num_groups=cfg["norm_num_groups"], freq_shift=cfg["freq_shift"], flip_sin_to_cos=cfg["flip_sin_to_cos"],
+        center_input_sample=cfg["center_input_sample"],
     )

@@ -23,12 +23,15 @@ from .conv import Conv2d
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = exp(-ln(max_period) i / half), in fp32."""
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0, *, freq_shift: int = 0,
+                       cos_first: bool = True) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f_i), sin(t f_i)] (the reference's; [sin, cos] without cos_first),
+    f_i = exp(-ln(max_period) i / (half - freq_shift)), in fp32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    args = timesteps[:, None].float() * torch.exp(exponent / (half - freq_shift))[None]
+    pair = [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(pair if cos_first else pair[::-1], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -57,11 +60,12 @@ class PrecisionMoves:
         return self.to(torch.float64)  # refused, naming the modes there are
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) whose call can fuse the following scale/shift and SiLU (cmfast.ops.group_norm)."""
+class FusedGroupNorm(nn.GroupNorm):
+    """GroupNorm (32 groups in every released model) whose call can fuse the following scale/shift and SiLU
+    (cmfast.ops.group_norm)."""
 
-    def __init__(self, channels: int):
-        super().__init__(32, channels, eps=1e-5)
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__(groups, channels, eps=1e-5)
 
     def forward(self, x, scale=None, shift=None, silu=False):
         return ops.group_norm(x, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps,
@@ -95,12 +99,14 @@ def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
 class ResBlock(nn.Module):
     """Keys: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection (1x1 conv when widths differ)."""
 
-    def __init__(self, channels, emb_channels, out_channels, *, scale_shift, dropout=0.0, up=False, down=False):
+    def __init__(self, channels, emb_channels, out_channels, *, scale_shift, dropout=0.0, up=False, down=False,
+                 groups=32):
         super().__init__()
         self.scale_shift, self.up, self.down = scale_shift, up, down
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(FusedGroupNorm(channels, groups), nn.SiLU(),
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(FusedGroupNorm(out_channels, groups), nn.SiLU(), nn.Dropout(dropout),
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
@@ -125,12 +131,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Keys: norm, qkv (1x1 conv C -> 3C, channels ordered (q|k|v, head, d)), proj_out (1x1 conv)."""
 
-    def __init__(self, channels, num_head_channels):
+    def __init__(self, channels, num_head_channels, groups=32):
         super().__init__()
         if channels % num_head_channels:
             raise ValueError(f"num_head_channels: {num_head_channels} does not divide {channels} channels")
         self.num_heads = channels // num_head_channels
-        self.norm = GroupNorm32(channels)
+        self.norm = FusedGroupNorm(channels, groups)
         self.qkv = Conv2d(channels, 3 * channels, 1)
         self.proj_out = Conv2d(channels, channels, 1)
 
@@ -168,7 +174,11 @@ class UNet(PrecisionMoves, nn.Module):
             self.label_emb = nn.Embedding(c.num_classes, emb)
 
         def res(cin, cout, **kw):
-            return ResBlock(cin, emb, cout, scale_shift=c.use_scale_shift_norm, dropout=c.dropout, **kw)
+            return ResBlock(cin, emb, cout, scale_shift=c.use_scale_shift_norm, dropout=c.dropout, groups=c.num_groups,
+                            **kw)
+
+        def attention(channels):
+            return AttentionBlock(channels, c.num_head_channels, c.num_groups)
 
         ch = c0 * c.channel_mult[0]
         self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, ch, 3, padding=1)])])
@@ -179,13 +189,13 @@ class UNet(PrecisionMoves, nn.Module):
                 layers = [res(ch, c0 * mult)]
                 ch = c0 * mult
                 if attn:
-                    layers.append(AttentionBlock(ch, c.num_head_channels))
+                    layers.append(attention(ch))
                 self.input_blocks.append(Block(layers))
                 skips.append(ch)
             if level != last:
                 self.input_blocks.append(Block([res(ch, ch, down=True)]))
                 skips.append(ch)
-        self.middle_block = Block([res(ch, ch), AttentionBlock(ch, c.num_head_channels), res(ch, ch)])
+        self.middle_block = Block([res(ch, ch), attention(ch), res(ch, ch)])
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(c.channel_mult))):
             mult, attn = c.channel_mult[level], c.attention_levels[level]
@@ -193,11 +203,11 @@ class UNet(PrecisionMoves, nn.Module):
                 layers = [res(ch + skips.pop(), c0 * mult)]
                 ch = c0 * mult
                 if attn:
-                    layers.append(AttentionBlock(ch, c.num_head_channels))
+                    layers.append(attention(ch))
                 if level and i == c.num_res_blocks:
                     layers.append(res(ch, ch, up=True))
                 self.output_blocks.append(Block(layers))
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(FusedGroupNorm(ch, c.num_groups), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
         self.precision = "fp32"
         self.channels_last = False
 
@@ -310,11 +320,13 @@ class UNet(PrecisionMoves, nn.Module):
         return self._forward(x, timesteps, y, self.channels_last)
 
     def _forward(self, x, timesteps, y, channels_last: bool) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
+        c = self.config
+        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels, freq_shift=c.freq_shift,
+                                                 cos_first=c.flip_sin_to_cos))
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)
         emb_act = F.silu(emb)
-        h = x.to(self.block_dtype)
+        h = (2 * x - 1.0 if c.center_input_sample else x).to(self.block_dtype)
         if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         skips = []
