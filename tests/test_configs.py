@@ -14,6 +14,10 @@ from cmfast.models import PRESETS, keymap
 
 BASE = {k: v for k, v in keymap.diffusers_config(PRESETS["test_imagenet"].unet).items() if not k.startswith("_")}
 
+# resampling by convolution: the level without attention has the plain blocks of that kind
+CONV = {"downsample_type": "conv", "upsample_type": "conv",
+        "down_block_types": ["DownBlock2D" if t.startswith("Resnet") else t for t in BASE["down_block_types"]],
+        "up_block_types": ["UpBlock2D" if t.startswith("Resnet") else t for t in BASE["up_block_types"]]}
 EXACT = {
     "released layout": {},
     "head width 8": {"attention_head_dim": 8},
@@ -30,13 +34,16 @@ EXACT = {
     "centred input": {"center_input_sample": True},
     "all four": {"norm_num_groups": 16, "attn_norm_num_groups": 16, "freq_shift": 1, "flip_sin_to_cos": False,
                  "center_input_sample": True},
+    "GELU": {"act_fn": "gelu"},
+    "swish (SiLU's other name)": {"act_fn": "swish"},
+    "conv resampling": CONV,
+    "conv resampling, GELU, no scale-shift": {**CONV, "act_fn": "gelu", "resnet_time_scale_shift": "default"},
 }
 REFUSED = {  # field -> a value diffusers builds and cmfast would compute differently
     "attn_norm_num_groups": None,  # with scale-shift: UNet2DModel's middle attention has no norm then
-    "act_fn": "gelu",
+    "act_fn": "mish",
     "norm_eps": 1e-6,
     "upsample_type": "interpolation",
-    "downsample_type": "conv",
     "mid_block_scale_factor": 2,
     "add_attention": False,
     "attention_head_dim": None,
@@ -90,6 +97,16 @@ def test_unknown_and_missing_fields(gen, tmp_path):
         cmfast.load(tmp_path / "m")
 
 
+@pytest.mark.parametrize("changes, field, value", [
+    ({**CONV, "upsample_type": "resnet", "up_block_types": BASE["up_block_types"]}, "upsample_type", "resnet"),
+    ({**CONV, "downsample_padding": 0}, "downsample_padding", 0),
+    ({"downsample_type": "conv"}, "upsample_type", "resnet"),
+], ids=["conv down, resnet up", "conv with padding 0", "resnet blocks with conv down"])
+def test_other_resampling_is_refused_by_name(changes, field, value, gen):
+    with pytest.raises(ValueError, match=f"diffusers config: {field}={value!r} is not supported by cmfast"):
+        cmfast.swap(build(changes, gen))
+
+
 def test_down_and_up_types_must_mirror():
     from cmfast.models import diffusers_config
 
@@ -126,3 +143,41 @@ def test_swap_of_a_cmfast_unet_keeps_its_config_and_mode(gen):
     source.set_precision("bf16")
     swapped = cmfast.swap(source)
     assert swapped.config == source.config and swapped.precision == "bf16"
+
+
+def conv_resampling_pair(gen, **attributes):
+    from cmfast.models import UNet
+
+    config = PRESETS["test_imagenet"].unet.replace(resblock_updown=False)
+    source = randomize_(UNet(config), gen).eval()
+    return source, openai_style(source, image_size=16, num_head_channels=16, conv_resample=True, num_res_blocks=1,
+                                channel_mult=(1, 2, 2), **attributes)
+
+
+def test_openai_conv_resampling_is_recognised_from_its_keys(gen, tmp_path):
+    source, holder = conv_resampling_pair(gen)
+    assert "input_blocks.2.0.op.weight" in holder.state_dict() and "output_blocks.3.2.conv.weight" in holder.state_dict()
+    swapped = cmfast.swap(holder)
+    assert swapped.config == source.config
+    cmfast.save(source, tmp_path / "m.pt")  # a bare state dict: the keys say how it resamples
+    assert cmfast.load(tmp_path / "m.pt", num_head_channels=16).config == source.config
+
+
+def test_openai_resampling_without_a_convolution_is_refused(gen):
+    source, _ = conv_resampling_pair(gen)
+    state = {k: v for k, v in source.state_dict().items() if ".op." not in k and ".conv." not in k}
+    holder = torch.nn.Module()
+    holder.state_dict = lambda: state
+    holder.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    holder.conv_resample, holder.num_res_blocks, holder.channel_mult = False, 1, (1, 2, 2)
+    with pytest.raises(ValueError, match="conv_resample=False with resblock_updown=False"):
+        cmfast.swap(holder)
+
+
+def test_gelu_is_noted_where_a_pt_cannot_record_it(gen, tmp_path):
+    from cmfast.models import UNet, checkpoint
+
+    model = UNet(PRESETS["test_lsun"].unet.replace(activation="gelu"))
+    assert checkpoint.unrecorded(model) == {"activation": "gelu", "num_head_channels": 32}
+    cmfast.save(model, tmp_path / "m.safetensors")  # recorded in the metadata
+    assert cmfast.load(tmp_path / "m.safetensors").config.activation == "gelu"

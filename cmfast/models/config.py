@@ -7,10 +7,15 @@ import dataclasses
 from dataclasses import dataclass
 
 
+ACTIVATIONS = ("silu", "gelu")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The arguments of openai's UNetModel that shape the network. `attention_resolutions` are image sizes
-    (32, 16, 8) as the reference's command line gives them; attention runs where image_size // ds matches."""
+    (32, 16, 8) as the reference's command line gives them; attention runs where image_size // ds matches.
+    resblock_updown: resampling by a ResBlock (True, every released model) or by a 3x3 convolution (False: stride 2
+    down; nearest 2x then the convolution up: the reference's Downsample/Upsample with conv_resample)."""
 
     model_channels: int
     num_res_blocks: int
@@ -29,10 +34,11 @@ class UNetConfig:
     freq_shift: int = 0  # the time embedding's frequencies exp(-ln(10000) i / (half - freq_shift))
     flip_sin_to_cos: bool = True  # [cos, sin] (the reference's order) or [sin, cos]
     center_input_sample: bool = False  # the network input mapped x -> 2x - 1 first
+    activation: str = "silu"  # of every ResBlock: "silu" (the reference) or "gelu" (exact, not tanh-approximated)
 
     def __post_init__(self):
-        if not self.resblock_updown:
-            raise ValueError("resblock_updown: only True is supported (every released checkpoint uses it)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise ValueError(f"image_size: {self.image_size} is not divisible by 2^(levels-1)")
 
@@ -105,17 +111,19 @@ def infer_config(state_dict, num_head_channels: int = 64, image_size: int | None
     in_channels = shape("input_blocks.0.0.weight")[1]
     out_channels = shape("out.2.weight")[0]
     num_classes = shape("label_emb.weight")[0] if "label_emb.weight" in state_dict else None
-    # Output blocks: the last block of each level but the first ends with an up ResBlock, so the blocks carrying
-    # one are num_res_blocks + 1 apart, the first at index num_res_blocks.
+    # Output blocks: the last block of each level but the first ends with an upsampler (an up ResBlock, or the
+    # Upsample's `conv`), so the blocks carrying one are num_res_blocks + 1 apart, the first at index num_res_blocks.
     n_out = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("output_blocks."))
-    ups = [i for i in range(n_out) if any(k.startswith(f"output_blocks.{i}.{j}.in_layers") for j in (1, 2)
-                                          for k in state_dict)]
+    ups = [i for i in range(n_out) if any(k.startswith(f"output_blocks.{i}.{j}.in_layers")
+                                          or k == f"output_blocks.{i}.{j}.conv.weight" for j in (1, 2) for k in state_dict)]
     num_res_blocks = ups[0] if ups else n_out - 1
     levels = n_out // (num_res_blocks + 1)
     first = [1 + level * (num_res_blocks + 1) for level in range(levels)]  # first input block of each level
     widths = [shape(f"input_blocks.{i}.0.out_layers.3.weight")[0] for i in first]
     channel_mult = tuple(w // c0 for w in widths)
     attention = [f"input_blocks.{i}.1.qkv.weight" in state_dict for i in first]
+    # the down block after level 0: a ResBlock (resblock_updown) or the Downsample's convolution `op`
+    resblock_updown = levels == 1 or f"input_blocks.{first[0] + num_res_blocks}.0.op.weight" not in state_dict
     scale_shift = shape(f"input_blocks.{first[0]}.0.emb_layers.1.weight")[0] == 2 * widths[0]
     if image_size is None:
         image_size = 2 ** (levels - 1) * 8  # so that the deepest level is 8 px, as in every released model
@@ -128,4 +136,5 @@ def infer_config(state_dict, num_head_channels: int = 64, image_size: int | None
         in_channels=in_channels, out_channels=out_channels,
         attention_resolutions=tuple(image_size // 2**level for level, a in enumerate(attention) if a),
         num_classes=num_classes, num_head_channels=num_head_channels, use_scale_shift_norm=scale_shift,
+        resblock_updown=resblock_updown,
     )

@@ -8,29 +8,31 @@ error. The table (also in the README):
 |---|---|
 | sample_size, in_channels, out_channels, layers_per_block, dropout, num_class_embeds | any |
 | block_out_channels | multiples of the first width |
-| down_block_types / up_block_types | ResnetDownsampleBlock2D or AttnDownBlock2D per level, the up types their mirror |
-| downsample_type / upsample_type | "resnet" (a ResBlock resamples, as in the reference) |
+| downsample_type / upsample_type | both "resnet" (a ResBlock resamples, as in the released models) or both "conv" (a 3x3 convolution, stride 2 down, after nearest 2x up) |
+| down_block_types / up_block_types | per level AttnDownBlock2D, or ResnetDownsampleBlock2D ("resnet") / DownBlock2D ("conv"); the up types their mirror |
+| downsample_padding | 1 with "conv" (the reference's padding); any with "resnet" (unused) |
+| act_fn | "silu" (or its other name "swish") or "gelu", in every ResBlock (the embedding and output head keep SiLU, as in diffusers) |
 | attention_head_dim | the head width: an int dividing every attention level's width |
 | resnet_time_scale_shift | "default" or "scale_shift" |
 | flip_sin_to_cos, freq_shift, center_input_sample | any (the reference: true, 0, false) |
 | norm_num_groups | a divisor of every width (the reference: 32); attn_norm_num_groups the same, or none without scale-shift |
 | time_embedding_type "positional", time_embedding_dim none or 4 x the first width, norm_eps 1e-5 | the reference's |
-| act_fn "silu", mid_block_type "UNetMidBlock2D", mid_block_scale_factor 1, add_attention true, class_embed_type none | the reference's choices |
-| downsample_padding, num_train_timesteps | any (unused by this architecture) |
+| mid_block_type "UNetMidBlock2D", mid_block_scale_factor 1, add_attention true, class_embed_type none | the reference's choices |
+| num_train_timesteps | any (unused by the network) |
 """
 
 from __future__ import annotations
 
-DOWN_TYPES = ("ResnetDownsampleBlock2D", "AttnDownBlock2D")
-UP_OF = {"ResnetDownsampleBlock2D": "ResnetUpsampleBlock2D", "AttnDownBlock2D": "AttnUpBlock2D"}
+# resampling -> (the down and up block types of a level without attention); AttnDown/UpBlock2D take either
+RESAMPLE_BLOCKS = {"resnet": ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"), "conv": ("DownBlock2D", "UpBlock2D")}
 # field -> the values cmfast computes exactly (a tuple), or None for any value
 FIXED = {
     "time_embedding_type": ("positional",),
     "mid_block_type": ("UNetMidBlock2D",),
     "mid_block_scale_factor": (1,),
-    "downsample_type": ("resnet",),
-    "upsample_type": ("resnet",),
-    "act_fn": ("silu",),
+    "downsample_type": tuple(RESAMPLE_BLOCKS),
+    "upsample_type": tuple(RESAMPLE_BLOCKS),
+    "act_fn": ("silu", "swish", "gelu"),
     "norm_eps": (1e-5,),
     "resnet_time_scale_shift": ("default", "scale_shift"),
     "add_attention": (True,),
@@ -81,6 +83,12 @@ def check(cfg: dict) -> dict:
     for field, values in FIXED.items():
         if not any(_same(cfg[field], v) for v in values):
             raise _refuse(field, cfg[field], " or ".join(repr(v) for v in values))
+    cfg["act_fn"] = "silu" if cfg["act_fn"] == "swish" else cfg["act_fn"]  # diffusers' two names of one function
+    resample = cfg["downsample_type"]
+    if cfg["upsample_type"] != resample:
+        raise _refuse("upsample_type", cfg["upsample_type"], f"{resample!r}, as downsample_type (one way of resampling)")
+    if resample == "conv" and not _same(cfg["downsample_padding"], 1):
+        raise _refuse("downsample_padding", cfg["downsample_padding"], "1 (the reference's) with conv resampling")
     for field in ("center_input_sample", "flip_sin_to_cos"):
         if not isinstance(cfg[field], bool):
             raise _refuse(field, cfg[field], "true or false")
@@ -104,10 +112,12 @@ def check(cfg: dict) -> dict:
     if cfg["freq_shift"] >= widths[0] // 2:
         raise _refuse("freq_shift", cfg["freq_shift"], f"an int below half the embedding width ({widths[0] // 2})")
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
-    if len(down) != len(widths) or any(t not in DOWN_TYPES for t in down):
-        raise _refuse("down_block_types", down, f"one of {', '.join(DOWN_TYPES)} per width")
-    if up != [UP_OF[t] for t in reversed(down)]:
-        raise _refuse("up_block_types", up, f"the mirror of down_block_types: {[UP_OF[t] for t in reversed(down)]}")
+    plain_down, plain_up = RESAMPLE_BLOCKS[resample]
+    up_of = {plain_down: plain_up, "AttnDownBlock2D": "AttnUpBlock2D"}
+    if len(down) != len(widths) or any(t not in up_of for t in down):
+        raise _refuse("down_block_types", down, f"one of {', '.join(up_of)} per width (downsample_type {resample!r})")
+    if up != [up_of[t] for t in reversed(down)]:
+        raise _refuse("up_block_types", up, f"the mirror of down_block_types: {[up_of[t] for t in reversed(down)]}")
     head = cfg["attention_head_dim"]
     attention_widths = [w for w, t in zip(widths, down) if t.startswith("Attn")] + [widths[-1]]  # + the middle block
     if not isinstance(head, int) or head <= 0 or any(w % head for w in attention_widths):

@@ -6,18 +6,22 @@ from __future__ import annotations
 import torch
 
 from .config import UNetConfig
-from .diffusers_config import check as diffusers_config_check
+from .diffusers_config import RESAMPLE_BLOCKS, check as diffusers_config_check
 
 # Inside a ResBlock / an attention block: openai sub-name -> diffusers sub-name.
 RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 ATTENTION = {"norm": "group_norm", "proj_out": "to_out.0"}  # qkv is cut into to_q, to_k, to_v
+DOWNSAMPLE = {"op": "conv"}  # resampling by convolution (resblock_updown=False)
+UPSAMPLE = {"conv": "conv"}
+SUBNAMES = {"res": RESBLOCK, "attn": ATTENTION, "down": DOWNSAMPLE, "up": UPSAMPLE}
 TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
        "label_emb": "class_embedding", "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
 
 
 def block_prefixes(config: UNetConfig) -> list[tuple[str, str, str]]:
-    """(openai prefix, diffusers prefix, "res" | "attn") for every ResBlock and attention block."""
+    """(openai prefix, diffusers prefix, "res" | "attn" | "down" | "up") for every ResBlock, attention block and
+    resampling convolution."""
     c = config
     table = []
     k = 1
@@ -29,7 +33,7 @@ def block_prefixes(config: UNetConfig) -> list[tuple[str, str, str]]:
                 table.append((f"input_blocks.{k}.1", f"down_blocks.{i}.attentions.{j}", "attn"))
             k += 1
         if i != levels - 1:
-            table.append((f"input_blocks.{k}.0", f"down_blocks.{i}.downsamplers.0", "res"))
+            table.append((f"input_blocks.{k}.0", f"down_blocks.{i}.downsamplers.0", "res" if c.resblock_updown else "down"))
             k += 1
     table += [("middle_block.0", "mid_block.resnets.0", "res"), ("middle_block.1", "mid_block.attentions.0", "attn"),
               ("middle_block.2", "mid_block.resnets.1", "res")]
@@ -41,7 +45,8 @@ def block_prefixes(config: UNetConfig) -> list[tuple[str, str, str]]:
             if attn:
                 table.append((f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", "attn"))
             if level and j == c.num_res_blocks:
-                table.append((f"output_blocks.{k}.{2 if attn else 1}", f"up_blocks.{i}.upsamplers.0", "res"))
+                table.append((f"output_blocks.{k}.{2 if attn else 1}", f"up_blocks.{i}.upsamplers.0",
+                              "res" if c.resblock_updown else "up"))
             k += 1
     return table
 
@@ -50,7 +55,7 @@ def _rename_table(config: UNetConfig) -> dict[str, str]:
     """openai module path -> diffusers module path, for every module holding parameters (qkv excepted)."""
     table = dict(TOP)
     for openai, diffusers, kind in block_prefixes(config):
-        for a, b in (RESBLOCK if kind == "res" else ATTENTION).items():
+        for a, b in SUBNAMES[kind].items():
             table[f"{openai}.{a}"] = f"{diffusers}.{b}"
     return table
 
@@ -114,6 +119,8 @@ def diffusers_config(config: UNetConfig) -> dict:
     """The UNet2DModel config.json that diffusers' conversion writes for this architecture."""
     c = config
     levels = len(c.channel_mult)
+    resample = "resnet" if c.resblock_updown else "conv"
+    plain_down, plain_up = RESAMPLE_BLOCKS[resample]
     return {
         "_class_name": "UNet2DModel",
         "sample_size": c.image_size,
@@ -123,9 +130,8 @@ def diffusers_config(config: UNetConfig) -> dict:
         "num_class_embeds": c.num_classes,
         "block_out_channels": [c.model_channels * m for m in c.channel_mult],
         "attention_head_dim": c.num_head_channels,
-        "down_block_types": ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in c.attention_levels],
-        "up_block_types": ["AttnUpBlock2D" if c.attention_levels[lv] else "ResnetUpsampleBlock2D"
-                           for lv in reversed(range(levels))],
+        "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in c.attention_levels],
+        "up_block_types": ["AttnUpBlock2D" if c.attention_levels[lv] else plain_up for lv in reversed(range(levels))],
         "resnet_time_scale_shift": "scale_shift" if c.use_scale_shift_norm else "default",
         "attn_norm_num_groups": c.num_groups,
         "norm_num_groups": c.num_groups,
@@ -133,8 +139,10 @@ def diffusers_config(config: UNetConfig) -> dict:
         "flip_sin_to_cos": c.flip_sin_to_cos,
         "center_input_sample": c.center_input_sample,
         "norm_eps": 1e-5,
-        "upsample_type": "resnet",
-        "downsample_type": "resnet",
+        "upsample_type": resample,
+        "downsample_type": resample,
+        "downsample_padding": 1,
+        "act_fn": c.activation,
         "dropout": c.dropout,
     }
 
@@ -155,5 +163,6 @@ def config_from_diffusers(cfg: dict) -> UNetConfig:
         num_classes=cfg.get("num_class_embeds"), num_head_channels=cfg["attention_head_dim"],
         use_scale_shift_norm=cfg.get("resnet_time_scale_shift") == "scale_shift", dropout=cfg.get("dropout", 0.0),
         num_groups=cfg["norm_num_groups"], freq_shift=cfg["freq_shift"], flip_sin_to_cos=cfg["flip_sin_to_cos"],
-        center_input_sample=cfg["center_input_sample"],
+        center_input_sample=cfg["center_input_sample"], activation=cfg["act_fn"],
+        resblock_updown=cfg["downsample_type"] == "resnet",
     )

@@ -87,6 +87,17 @@ def _head_width(model: nn.Module) -> int:
                      "(num_head_channels > 0, 64 in every released model)")
 
 
+def _check_resampling(model: nn.Module, state: dict) -> None:
+    """Refuse the reference's conv_resample=False without resblock_updown (average pooling down, nearest up, no
+    convolution): its first down block then holds no parameters at all, where cmfast has a ResBlock or a convolution."""
+    levels = len(getattr(model, "channel_mult", ()))
+    down = 1 + getattr(model, "num_res_blocks", 0)  # the input block that downsamples level 0
+    if getattr(model, "conv_resample", True) is False and levels > 1 \
+            and not any(k.startswith(f"input_blocks.{down}.") for k in state):
+        raise ValueError("model: conv_resample=False with resblock_updown=False (resampling without a convolution) is "
+                         "not supported by cmfast; supported: resblock_updown=True, or conv_resample=True")
+
+
 def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """A cmfast U-Net with `model`'s weights: for a diffusers UNet2DModel, wrapped in its interface; for an openai
     UNetModel (or anything with its key names), a cmfast.UNet (same forward(x, timesteps, y=None)); for a diffusers
@@ -111,6 +122,7 @@ def swap(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
         wrapper = saveable_diffusers_unet()(unet.requires_grad_(model.training), model.config)
         return wrapper.train(model.training)
     state = model.state_dict()
+    _check_resampling(model, state)
     config = infer_config(state, num_head_channels=_head_width(model), image_size=getattr(model, "image_size", None))
     # the reference's fp16 mode (use_fp16=True / convert_to_fp16()) shows as model.dtype; so does cmfast.UNet's
     half = getattr(model, "dtype", None) if getattr(model, "dtype", None) in (torch.float16, torch.bfloat16) else None

@@ -100,19 +100,26 @@ class ResBlock(nn.Module):
     """Keys: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection (1x1 conv when widths differ)."""
 
     def __init__(self, channels, emb_channels, out_channels, *, scale_shift, dropout=0.0, up=False, down=False,
-                 groups=32):
+                 groups=32, activation="silu"):
         super().__init__()
-        self.scale_shift, self.up, self.down = scale_shift, up, down
-        self.in_layers = nn.Sequential(FusedGroupNorm(channels, groups), nn.SiLU(),
+        self.scale_shift, self.up, self.down, self.gelu = scale_shift, up, down, activation == "gelu"
+        act = nn.GELU if self.gelu else nn.SiLU
+        self.in_layers = nn.Sequential(FusedGroupNorm(channels, groups), act(),
                                        Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
-        self.out_layers = nn.Sequential(FusedGroupNorm(out_channels, groups), nn.SiLU(), nn.Dropout(dropout),
+        self.emb_layers = nn.Sequential(act(), nn.Linear(emb_channels, 2 * out_channels if scale_shift else out_channels))
+        self.out_layers = nn.Sequential(FusedGroupNorm(out_channels, groups), act(), nn.Dropout(dropout),
                                         Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
+    def _norm_act(self, norm, h, scale=None, shift=None):
+        """The GroupNorm, scale/shift and activation: SiLU fused into the norm's kernel, GELU after it."""
+        if self.gelu:
+            return F.gelu(norm(h, scale=scale, shift=shift))
+        return norm(h, scale=scale, shift=shift, silu=True)
+
     def forward(self, x, emb_act):
-        """emb_act: SiLU of the time(+label) embedding, shared by every block (emb_layers.0 is that SiLU)."""
-        h = self.in_layers[0](x, silu=True)
+        """emb_act: the activation of the time(+label) embedding, shared by every block (emb_layers.0 is it)."""
+        h = self._norm_act(self.in_layers[0], x)
         if self.up or self.down:
             h, x = _resample(h, self.up, self.down), _resample(x, self.up, self.down)
         h = self.in_layers[2](h)
@@ -120,12 +127,34 @@ class ResBlock(nn.Module):
         norm, dropout, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = norm(h, scale=scale, shift=shift, silu=True)
+            h = self._norm_act(norm, h, scale, shift)
         else:
             # in place on the fresh conv output when nothing records it for a backward: the same sum, no new buffer
             # (a new 1x256x256x256 bf16 tensor costs 15 ms of page faults on 2 CPU threads; the add itself 2 ms)
-            h = norm(h + e[:, :, None, None] if torch.is_grad_enabled() else h.add_(e[:, :, None, None]), silu=True)
+            h = self._norm_act(norm, h + e[:, :, None, None] if torch.is_grad_enabled() else h.add_(e[:, :, None, None]))
         return conv(dropout(h), add=self.skip_connection(x))  # skip(x) + conv(h), the add fused where it can be
+
+
+class Downsample(nn.Module):
+    """The reference's Downsample with conv_resample (resblock_updown=False). Key: op (3x3 convolution, stride 2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb_act=None):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """The reference's Upsample with conv_resample: nearest 2x, then conv (3x3)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb_act=None):
+        return self.conv(upsample_nearest2x(x))
 
 
 class AttentionBlock(nn.Module):
@@ -175,7 +204,7 @@ class UNet(PrecisionMoves, nn.Module):
 
         def res(cin, cout, **kw):
             return ResBlock(cin, emb, cout, scale_shift=c.use_scale_shift_norm, dropout=c.dropout, groups=c.num_groups,
-                            **kw)
+                            activation=c.activation, **kw)
 
         def attention(channels):
             return AttentionBlock(channels, c.num_head_channels, c.num_groups)
@@ -193,7 +222,7 @@ class UNet(PrecisionMoves, nn.Module):
                 self.input_blocks.append(Block(layers))
                 skips.append(ch)
             if level != last:
-                self.input_blocks.append(Block([res(ch, ch, down=True)]))
+                self.input_blocks.append(Block([res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)]))
                 skips.append(ch)
         self.middle_block = Block([res(ch, ch), attention(ch), res(ch, ch)])
         self.output_blocks = nn.ModuleList()
@@ -205,7 +234,7 @@ class UNet(PrecisionMoves, nn.Module):
                 if attn:
                     layers.append(attention(ch))
                 if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, up=True))
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
                 self.output_blocks.append(Block(layers))
         self.out = nn.Sequential(FusedGroupNorm(ch, c.num_groups), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
         self.precision = "fp32"
@@ -325,7 +354,7 @@ class UNet(PrecisionMoves, nn.Module):
                                                  cos_first=c.flip_sin_to_cos))
         if self.config.num_classes is not None:
             emb = emb + self.label_emb(y)
-        emb_act = F.silu(emb)
+        emb_act = F.gelu(emb) if c.activation == "gelu" else F.silu(emb)
         h = (2 * x - 1.0 if c.center_input_sample else x).to(self.block_dtype)
         if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
