@@ -13,12 +13,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inputs_of(src: str) -> list:
+    """The files convert reads from SRC (a file, or a model folder's files), which its output must never replace."""
+    from pathlib import Path
+
+    path = Path(src)
+    return [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .models import CheckpointError, load, save
 
     try:
         model = load(args.src, config=args.config, num_head_channels=args.num_head_channels)
-        save(model, args.dst, overwrite=args.force)
+        save(model, args.dst, overwrite="own" if args.force else False, protect=_inputs_of(args.src))
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"cmfast convert: {e}", file=sys.stderr)
         return 2
@@ -65,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", default=None, help="preset name when SRC's config cannot be inferred")
     convert.add_argument("--num-head-channels", type=int, default=None,
                          help="attention head width of a SRC that does not record it (an openai .pt: 64 unless given)")
-    convert.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    convert.add_argument("--force", action="store_true",
+                         help="replace DST's model files if cmfast wrote them (nothing else in a folder is touched)")
     convert.set_defaults(func=_convert)
     _add_sample(sub)
     _add_edit(sub)
@@ -180,6 +189,8 @@ def _add_training(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the same weights need the same count)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in a folder holding a model.safetensors that cmfast wrote (without state.pt)")
     p.set_defaults(func=_run("run_train"))
 
     p = sub.add_parser("evaluate", help="score a digits model against real digits and noise",
@@ -263,8 +274,22 @@ def _run(name: str):
     return run
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a job scheduler's stop, `kill`) as an exit that runs the cleanups, like ^C: no temporaries left."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (main() called from a thread): leave the handler as it is
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_on_sigterm()
     return args.func(args)
 
 

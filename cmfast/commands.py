@@ -5,12 +5,13 @@ nothing behind."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import editing, images, masks, pretrained, sampling, schedules
+from . import editing, images, masks, outputs, pretrained, sampling, schedules
 from .consistency import Denoiser
 
 
@@ -72,44 +73,51 @@ def labels_for(model: pretrained.Model, indices, gens, given: list[int] | None, 
     return torch.cat([torch.randint(n_classes, (1,), generator=g, device=g.device) for g in gens]).to(device)
 
 
+def _outputs(args, names, *inputs) -> outputs.Outputs:
+    """--out and --force as cmfast.outputs takes them: --force replaces only cmfast's own earlier outputs, and never
+    one of the command's input files."""
+    return outputs.Outputs(args.out, names, replace="own" if args.force else False,
+                           protect=[p for p in inputs if p is not None and Path(p).exists()])
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     if args.num < 1 or args.batch < 1:
         raise ValueError(f"--num and --batch: expected positive counts, got {args.num} and {args.batch}")
-    out = Path(args.out)
-    npz, png = out / "samples.npz", out / "grid.png"
-    images.check_writable([npz, png], args.force)
-    device = resolve_device(args.device)
-    model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
-    given = _ints(args.class_labels, "--class-labels") if args.class_labels else None
-    check_labels(model, given)
-    if model.kind == "edm":
-        levels = schedules.karras_sigmas(args.steps or 40).tolist()
-        run = sampling.sample_heun
-    else:
-        levels = consistency_levels(args, model, default_steps=1)
-        run = sampling.sample
-    denoiser = Denoiser(model.unet, kind=model.kind, cuda_graph=args.cuda_graph)
-    size, channels = model.unet.config.image_size, model.unet.config.in_channels
-    results, all_labels = [], []
-    calls = 2 * len(levels) - 1 if model.kind == "edm" else len(levels)  # Heun: two calls a step but the last
-    desc = f"sampling {model.name}, {calls} network call{'s' if calls > 1 else ''} an image"
-    with tqdm(total=args.num, unit="img", desc=desc) as bar:
-        for start in range(0, args.num, args.batch):
-            indices = range(start, min(start + args.batch, args.num))
-            gens = sampling.generators_for(args.seed, indices)
-            y = labels_for(model, indices, gens, given, device)
-            x = levels[0] * sampling.randn((len(indices), channels, size, size), gens, device)
-            results.append(images.to_uint8(run(denoiser, x, levels, y=y, generator=gens)))
-            if y is not None:
-                all_labels.append(y.cpu().numpy())
-            bar.update(len(indices))
-    arr = np.concatenate(results)
-    labels = np.concatenate(all_labels).astype(np.int64) if all_labels else None
-    images.save_npz(npz, arr, labels)
-    images.save_png(png, images.grid(arr))
-    print(f"wrote {npz} ({arr.shape[0]} images, {len(levels)} network call(s) each) and {png}")
+    with _outputs(args, ["samples.npz", "grid.png"], args.checkpoint) as out:
+        device = resolve_device(args.device)
+        model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
+        given = _ints(args.class_labels, "--class-labels") if args.class_labels else None
+        check_labels(model, given)
+        if model.kind == "edm":
+            levels = schedules.karras_sigmas(args.steps or 40).tolist()
+            run = sampling.sample_heun
+        else:
+            levels = consistency_levels(args, model, default_steps=1)
+            run = sampling.sample
+        denoiser = Denoiser(model.unet, kind=model.kind, cuda_graph=args.cuda_graph)
+        size, channels = model.unet.config.image_size, model.unet.config.in_channels
+        results, all_labels = [], []
+        calls = 2 * len(levels) - 1 if model.kind == "edm" else len(levels)  # Heun: two calls a step but the last
+        desc = f"sampling {model.name}, {calls} network call{'s' if calls > 1 else ''} an image"
+        with tqdm(total=args.num, unit="img", desc=desc) as bar:
+            for start in range(0, args.num, args.batch):
+                indices = range(start, min(start + args.batch, args.num))
+                gens = sampling.generators_for(args.seed, indices)
+                y = labels_for(model, indices, gens, given, device)
+                x = levels[0] * sampling.randn((len(indices), channels, size, size), gens, device)
+                results.append(images.to_uint8(run(denoiser, x, levels, y=y, generator=gens)))
+                if y is not None:
+                    all_labels.append(y.cpu().numpy())
+                bar.update(len(indices))
+        arr = np.concatenate(results)
+        labels = np.concatenate(all_labels).astype(np.int64) if all_labels else None
+        images.save_npz(out.stage("samples.npz"), arr, labels)
+        images.save_png(out.stage("grid.png"), images.grid(arr))
+        out.commit()
+    print(f"wrote {out.path('samples.npz')} ({arr.shape[0]} images, {len(levels)} network call(s) each) and "
+          f"{out.path('grid.png')}")
     return 0
 
 
@@ -133,9 +141,15 @@ def _edit_progress(task: str):
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    result_png, compare_png = out / f"{args.task}.png", out / f"{args.task}_before_after.png"
-    images.check_writable([result_png, compare_png], args.force)
+    names = [f"{args.task}.png", f"{args.task}_before_after.png"]
+    with _outputs(args, names, args.checkpoint, args.image) as out:
+        message = _edit(args, out, *names)
+        out.commit()
+    print(message)
+    return 0
+
+
+def _edit(args: argparse.Namespace, out: outputs.Outputs, result_png: str, compare_png: str) -> str:
     device = resolve_device(args.device)
     model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
     if model.kind != "consistency":
@@ -157,10 +171,9 @@ def run_edit(args: argparse.Namespace) -> int:
         frames = editing.interpolate(den, z0, z1, np.linspace(0, 1, args.frames), y=y)[:, 0]
         bar.close()
         strip = images.grid(images.to_uint8(frames), columns=args.frames)
-        images.save_png(result_png, strip)
-        images.save_png(compare_png, strip)
-        print(f"wrote {result_png} ({args.frames} frames)")
-        return 0
+        images.save_png(out.stage(result_png), strip)
+        images.save_png(out.stage(compare_png), strip)
+        return f"wrote {out.path(result_png)} ({args.frames} frames)"
     if args.image is None:
         raise ValueError(f"--image: the {args.task} task needs an input image")
     image = images.load_image(args.image, channels=model.unet.config.in_channels).to(device)
@@ -190,10 +203,16 @@ def run_edit(args: argparse.Namespace) -> int:
     bar.close()
     original = image if image.shape[-1] == size else before
     pair = images.to_uint8(torch.cat([before.clamp(-1, 1), original, result]))
-    images.save_png(result_png, images.to_uint8(result)[0])
-    images.save_png(compare_png, images.grid(pair, columns=3))
-    print(f"wrote {result_png} and {compare_png} (input as edited | original | result)")
-    return 0
+    images.save_png(out.stage(result_png), images.to_uint8(result)[0])
+    images.save_png(out.stage(compare_png), images.grid(pair, columns=3))
+    return f"wrote {out.path(result_png)} and {out.path(compare_png)} (input as edited | original | result)"
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -202,16 +221,26 @@ def run_train(args: argparse.Namespace) -> int:
     from .models import PRESETS
     from .trainer import Run, TrainConfig
 
-    torch.set_num_threads(args.threads)
+    _positive(args, "steps", "batch", "until", "threads", "checkpoint_every")
+    if args.model not in PRESETS:
+        raise ValueError(f"--model: unknown preset {args.model!r}; known: {', '.join(PRESETS)}")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise ValueError(f"--lr: expected a positive finite number, got {args.lr}")
     config = TrainConfig(method=args.method, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                          distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every,
                          ema_decay=args.ema_decay)
     unet_config = PRESETS[args.model].unet
     data = digits.load(unet_config.image_size)
-    run = Run(args.out, config, unet_config, data.train_x, data.train_y)
+    torch.set_num_threads(args.threads)
+    run = Run(args.out, config, unet_config, data.train_x, data.train_y, overwrite="own" if args.force else False)
+    until = config.steps if args.until is None else min(args.until, config.steps)
+    if run.step >= until:
+        print(f"{args.out} is at step {run.step} of {config.steps} already: nothing to train "
+              f"({Path(args.out) / 'model.safetensors'} is unchanged)")
+        return 0
     if run.step:
         print(f"resuming {args.out} at step {run.step} of {config.steps}")
-    loss = run.train(until=args.until)
+    loss = run.train(until=until)
     print(f"wrote {Path(args.out) / 'model.safetensors'} (EMA weights, step {run.step}, last loss {loss:.4f})")
     return 0
 
@@ -267,11 +296,18 @@ DEMO_ZOOM = 4  # nearest-neighbour: 16-pixel digits shown 64 pixels wide
 def run_demo(args: argparse.Namespace) -> int:
     """What the built-in model does, as PNG files: one image per class in one and two steps, an inpainting and a
     denoising example (each input | as edited | result)."""
+    names = ["one_step.png", "two_step.png", "inpaint.png", "denoise.png"]
+    with _outputs(args, names, args.checkpoint) as out:
+        _demo(args, out)
+        out.commit()
+    print(f"wrote {', '.join(str(out.path(n)) for n in names)}: columns are the digits 0-9; the edits' rows are "
+          "original, input, result")
+    return 0
+
+
+def _demo(args: argparse.Namespace, out: outputs.Outputs) -> None:
     from . import digits
 
-    out = Path(args.out)
-    names = ["one_step.png", "two_step.png", "inpaint.png", "denoise.png"]
-    images.check_writable([out / n for n in names], args.force)
     model = pretrained.find(args.checkpoint)
     data = digits.load(model.unet.config.image_size)  # first: a missing scikit-learn stops the demo before any work
     edit_levels = consistency_levels(args, model, 39)
@@ -290,17 +326,14 @@ def run_demo(args: argparse.Namespace) -> int:
     bar.update(1)
     bar.close()
     erased = editing.Pixels(mask.expand_as(real)).erase(real)
-    outputs = {
+    pictures = {
         "one_step.png": images.grid(images.to_uint8(one), columns=10),
         "two_step.png": images.grid(images.to_uint8(two), columns=10),
         "inpaint.png": images.grid(images.to_uint8(torch.cat([real, erased, filled])), columns=10),
         "denoise.png": images.grid(images.to_uint8(torch.cat([real, noisy.clamp(-1, 1), denoised])), columns=10),
     }
-    for name, image in outputs.items():
-        images.save_png(out / name, image.repeat(DEMO_ZOOM, axis=0).repeat(DEMO_ZOOM, axis=1))
-    print(f"wrote {', '.join(str(out / n) for n in names)}: columns are the digits 0-9; the edits' rows are "
-          "original, input, result")
-    return 0
+    for name, image in pictures.items():
+        images.save_png(out.stage(name), image.repeat(DEMO_ZOOM, axis=0).repeat(DEMO_ZOOM, axis=1))
 
 
 def _random_weights(unet) -> None:

@@ -1,13 +1,9 @@
-"""Image files: [-1, 1] tensors <-> uint8 (the reference's conversion), PNG grids, the reference's NPZ, and
-atomic writing (a file appears complete or not at all; an existing one is kept unless overwriting is asked)."""
+"""Image files: [-1, 1] tensors <-> uint8 (the reference's conversion), PNG grids, the reference's NPZ.
+The writers write where they are told: commands give them cmfast.outputs temporaries, moved into place as a set."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,47 +48,14 @@ def load_image(path, size: int | None = None, channels: int = 3) -> torch.Tensor
     return from_uint8(a if a.ndim == 3 else a[..., None])
 
 
-def check_writable(paths, overwrite: bool) -> None:
-    """Refuse before any work starts if an output exists and overwriting was not asked for."""
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"output exists: {', '.join(existing)} (use --force to overwrite)")
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # read by setting: there is no getter
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yields a temporary path beside `path`; renames it to `path` when the block succeeds, deletes it if not."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file gets the mode a plain open gives
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_png(path, image: np.ndarray) -> None:
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
 
 
 def save_npz(path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """The reference's sample file: arr_0 uint8 NHWC, arr_1 the class labels (class-conditional models)."""
     arrays = [images] if labels is None else [images, labels]
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, *arrays)
+    with open(path, "wb") as fh:  # a file object: np.savez would add .npz to a name without it
+        np.savez(fh, *arrays)

@@ -14,8 +14,11 @@ import torch
 from . import training
 from .backends import use_backend
 from .consistency import Denoiser
-from .images import atomic_file
-from .models import UNet, UNetConfig, load, save
+from .models import CheckpointError, UNet, UNetConfig, load
+from .models.checkpoint import stage
+from .outputs import Outputs
+
+OUTPUTS = ("state.pt", "model.safetensors")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,18 @@ class TrainConfig:
         return training.doubling_n(step, self.steps, self.s0, self.s1)
 
 
+def _read_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, a pickle carrying code
+        raise CheckpointError(f"{path}: cannot be read as a training state (corrupt or not cmfast's?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    needed = {"config", "step", "model", "ema", "optimizer"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise CheckpointError(f"{path}: not a cmfast training state (expected the entries {', '.join(sorted(needed))})")
+    return state
+
+
 def reference_init_(unet: UNet) -> UNet:
     """Zero the layers the reference zero-initialises (each ResBlock's last conv, attention proj_out, out.2)."""
     with torch.no_grad():
@@ -70,8 +85,12 @@ def reference_init_(unet: UNet) -> UNet:
 class Run:
     """One training run in a folder; constructing it resumes from the folder's state.pt when there is one."""
 
-    def __init__(self, folder, config: TrainConfig, unet_config: UNetConfig, data_x, data_y):
+    def __init__(self, folder, config: TrainConfig, unet_config: UNetConfig, data_x, data_y, *,
+                 overwrite: bool | str = False):
+        """overwrite: for a folder without a run to resume, whether its model.safetensors may be replaced (False:
+        refused; "own": when cmfast wrote it, the command line's --force; True: always)."""
         self.folder, self.config = Path(folder), config
+        self.overwrite = overwrite
         self.x, self.y = data_x, data_y
         torch.manual_seed(config.seed)
         self.model = reference_init_(UNet(unet_config)).train()
@@ -86,10 +105,16 @@ class Run:
         self.step = 0
         state_file = self.folder / "state.pt"
         if state_file.exists():
-            self._resume(torch.load(state_file, map_location="cpu", weights_only=True))
+            self._resume(_read_state(state_file))
+        with self._outputs():  # checked now, before any training: writable, free, nothing of the user's replaced
+            pass
+
+    def _outputs(self) -> Outputs:
+        # resuming: the run's own files; a fresh run: what `overwrite` allows
+        return Outputs(self.folder, OUTPUTS, replace=True if self.step else self.overwrite, what="run folder")
 
     def _resume(self, state: dict) -> None:
-        saved = json.loads(state["config"])
+        saved = json.loads(state["config"]) if isinstance(state.get("config"), str) else None
         if saved != dataclasses.asdict(self.config):
             raise ValueError(f"config: {self.folder} holds a run with other settings ({saved}); use another folder")
         self.model.load_state_dict(state["model"])
@@ -99,16 +124,19 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
 
-    def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def save(self, out: Outputs | None = None) -> None:
+        """A checkpoint: state.pt and model.safetensors, written as a set (into `out` when a block holds the folder)."""
+        if out is None:
+            with self._outputs() as out:
+                return self.save(out)
         state = {"config": json.dumps(dataclasses.asdict(self.config)), "step": self.step,
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict()}
         if self.target is not None:
             state["target"] = self.target.state_dict()
-        with atomic_file(self.folder / "state.pt") as tmp:
-            torch.save(state, tmp)
-        save(self.ema, self.folder / "model.safetensors", overwrite=True)
+        torch.save(state, out.stage("state.pt"))
+        stage(self.ema, out, "model.safetensors")
+        out.commit()
 
     def loss(self, gen: torch.Generator) -> torch.Tensor:
         c = self.config
@@ -132,8 +160,8 @@ class Run:
         last = float("nan")
         # The reference backends throughout: the weights then depend only on torch, the seed and the thread count,
         # not on which compiled kernels this install has.
-        with use_backend("reference"), tqdm(total=until, initial=self.step, disable=not progress,
-                                            desc=f"{c.method} training") as bar:
+        with use_backend("reference"), self._outputs() as out, tqdm(
+                total=until, initial=self.step, disable=not progress, desc=f"{c.method} training") as bar:
             while self.step < until:
                 gen = training.step_generator(c.seed, self.step)
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout, if any
@@ -149,7 +177,7 @@ class Run:
                 bar.set_postfix(loss=f"{last:.4f}", N=c.n_points(self.step - 1) if c.method != "edm" else "-")
                 bar.update(1)
                 if self.step % c.checkpoint_every == 0 or self.step == until:
-                    self.save()
+                    self.save(out)
         return last
 
 

@@ -103,7 +103,7 @@ def test_existing_output_is_kept(checkpoint, tmp_path, capsys):
     assert main(["sample", checkpoint, "--num", "2", "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["sample", checkpoint, "--num", "3", "--seed", "1", "--out", str(out)]) == 2
-    assert "output exists" in capsys.readouterr().err
+    assert "samples.npz exists (--force replaces it)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main(["sample", checkpoint, "--num", "3", "--seed", "1", "--out", str(out), "--force"]) == 0
     assert npz(out)["arr_0"].shape[0] == 3

@@ -23,7 +23,7 @@ def test_train_writes_a_loadable_checkpoint(trained):
 
 def test_train_resumes_and_refuses_other_settings(trained, capsys):
     assert main(["train", "--steps", "3", "--batch", "4", "--checkpoint-every", "2", "--out", str(trained)]) == 0
-    assert "resuming" in capsys.readouterr().out
+    assert "at step 3 of 3 already: nothing to train" in capsys.readouterr().out
     assert main(["train", "--steps", "5", "--batch", "4", "--out", str(trained)]) == 2
     assert "other settings" in capsys.readouterr().err
 

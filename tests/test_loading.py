@@ -11,6 +11,7 @@ from reference_models import diffusers_unet, randomize_
 
 import cmfast
 from cmfast import images, pretrained
+from cmfast.outputs import RECORD, Outputs
 from cmfast.models import PRESETS, UNet
 
 NAME = "test_imagenet"
@@ -84,13 +85,15 @@ def test_loaded_parameters_are_inference_only(model, tmp_path, gen):
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
-        images.save_png(tmp_path / "a.png", torch.zeros(4, 4, 3, dtype=torch.uint8).numpy())
-        images.save_npz(tmp_path / "a.npz", torch.zeros(1, 4, 4, 3, dtype=torch.uint8).numpy())
+        with Outputs(tmp_path, ["a.png", "a.npz"]) as out:
+            images.save_png(out.stage("a.png"), torch.zeros(4, 4, 3, dtype=torch.uint8).numpy())
+            images.save_npz(out.stage("a.npz"), torch.zeros(1, 4, 4, 3, dtype=torch.uint8).numpy())
+            out.commit()
     finally:
         os.umask(old)
     for name in ("a.png", "a.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != RECORD) == ["a.npz", "a.png"]
 
 
 @pytest.mark.parametrize("move, precision", [(lambda m: m.to(torch.bfloat16), "bf16"), (lambda m: m.half(), "fp16"),

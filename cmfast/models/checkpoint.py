@@ -8,10 +8,7 @@ mismatch between the file and the config is reported in one CheckpointError. Fil
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -189,35 +186,34 @@ def unrecorded(model: UNet) -> dict:
             if f != "dropout" and getattr(inferred, f) != getattr(model.config, f)}
 
 
-def save(model: UNet, dest, *, overwrite: bool = False) -> Path:
-    """Write `model` as an openai `.pt`, a `.safetensors` (openai names, config in metadata) or, for a path without
-    one of those suffixes, a diffusers model folder. Atomic: the destination appears complete or not at all."""
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest}: exists (pass overwrite=True, or --force on the command line)")
+def stage(model: UNet, out, name: str | None) -> None:
+    """Write `model` to out's temporaries (a cmfast.outputs.Outputs): the file `name` (.pt or .safetensors), or,
+    for None, a diffusers model's config.json and diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        if dest.suffix == ".pt":
-            torch.save(state, tmp / "w")
-            written = tmp / "w"
-        elif dest.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if name is None:
+        save_file(openai_to_diffusers(state, model.config), str(out.stage(DIFFUSERS_WEIGHTS[0])))
+        out.stage("config.json").write_text(json.dumps(diffusers_config(model.config), indent=2) + "\n")
+    elif name.endswith(".pt"):
+        torch.save(state, out.stage(name))
+    else:
+        meta = {CONFIG_METADATA: json.dumps(model.config.__dict__), "format": "openai"}
+        save_file(state, str(out.stage(name)), metadata=meta)
 
-            meta = {CONFIG_METADATA: json.dumps(model.config.__dict__), "format": "openai"}
-            save_file(state, str(tmp / "w"), metadata=meta)
-            written = tmp / "w"
-        else:
-            from safetensors.torch import save_file
 
-            written = tmp / "folder"
-            written.mkdir()
-            save_file(openai_to_diffusers(state, model.config), str(written / DIFFUSERS_WEIGHTS[0]))
-            (written / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2) + "\n")
-        if dest.exists():  # overwrite: make room, then move the finished file in
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(written, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def save(model: UNet, dest, *, overwrite: bool | str = False, protect=()) -> Path:
+    """Write `model` as an openai `.pt`, a `.safetensors` (openai names, config in metadata) or, for a path without
+    one of those suffixes, a diffusers model folder (config.json and diffusion_pytorch_model.safetensors; nothing
+    else in the folder is touched). Through cmfast.outputs: checked first, written as a set or not at all.
+    overwrite: False (refuse an existing file), True (replace the model's files), "own" (replace only files cmfast
+    wrote; the command line's --force). protect: paths (the source) that must not be replaced."""
+    from ..outputs import Outputs
+
+    dest = Path(dest)
+    folder = dest.suffix not in (".pt", ".safetensors")
+    names = ["config.json", DIFFUSERS_WEIGHTS[0]] if folder else [dest.name]
+    with Outputs(dest if folder else dest.parent, names, replace=overwrite, what="destination", protect=protect) as out:
+        stage(model, out, dest.name if not folder else None)
+        out.commit()
     return dest
