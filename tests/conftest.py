@@ -65,3 +65,15 @@ def backend_params(implemented) -> list:
 def gen(request):
     """A generator seeded from the session seed and the test's id: fresh inputs per session, reproducible."""
     return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny class-conditional checkpoint (the test_imagenet preset, every weight random) for the commands."""
+    import cmfast
+    from reference_models import randomize_
+
+    from cmfast.models import PRESETS, UNet
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return str(cmfast.save(randomize_(UNet(PRESETS["test_imagenet"].unet), torch.Generator().manual_seed(5)), path))

@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_models import randomize_
 
 import cmfast
 from cmfast.cli import main
-from cmfast.models import PRESETS, UNet
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return str(cmfast.save(randomize_(UNet(PRESETS["test_imagenet"].unet), torch.Generator().manual_seed(5)), path))
 
 
 def npz(folder):

@@ -1,0 +1,269 @@
+"""A hostile but fair user: every case asserts the exact outcome (the error named, the exit status) and that no
+file was lost, changed or left behind. Writing: --force, two jobs into one folder, a kill at each write, an
+interrupt, an unwritable destination. Reading: images, masks, sigmas, labels, checkpoints, configs, environment."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cmfast
+from cmfast import images
+from cmfast.cli import main
+from cmfast.outputs import JOURNAL, PART, RECORD, Outputs
+
+SAMPLE = ["--num", "3", "--batch", "2", "--seed", "4"]
+SET = {"samples.npz", "grid.png", RECORD}
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder with its bytes (what must not change)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(*argv, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cmfast", *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def clean(checkpoint, tmp_path_factory) -> dict:
+    """The files of an uninterrupted `sample` run, to compare the others with."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert main(["sample", checkpoint, *SAMPLE, "--out", str(out)]) == 0
+    return snapshot(out)
+
+
+def same_set(out: Path, clean: dict) -> None:
+    files = snapshot(out)
+    assert set(files) == SET, sorted(files)  # no temporary, no journal
+    for name in ("samples.npz", "grid.png"):
+        assert files[name] == clean[name], name
+
+
+# ---- convert --force: only cmfast's own files, never the source or the folder ------------------------------------
+
+def test_convert_into_the_current_folder_keeps_everything_else(checkpoint, tmp_path):
+    src = tmp_path / "a.safetensors"
+    src.write_bytes(Path(checkpoint).read_bytes())
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    run = cli("convert", "a.safetensors", ".", "--force", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before  # the source and the user's file untouched
+    assert set(after) - set(before) == {"config.json", "diffusion_pytorch_model.safetensors", RECORD}
+
+
+def test_convert_force_replaces_only_what_cmfast_wrote(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "model"
+    dst.mkdir()
+    (dst / "config.json").write_text('{"mine": true}')  # a file of the user's that has a model file's name
+    (dst / "keep.bin").write_bytes(b"x")
+    before = snapshot(dst)
+    assert main(["convert", checkpoint, str(dst), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json exists and is not a file cmfast wrote there" in err, err
+    assert snapshot(dst) == before
+    (dst / "config.json").unlink()
+    assert main(["convert", checkpoint, str(dst)]) == 0
+    assert main(["convert", checkpoint, str(dst)]) == 2  # exists, no --force
+    assert "exists (--force replaces it)" in capsys.readouterr().err
+    assert main(["convert", checkpoint, str(dst), "--force"]) == 0  # cmfast's own files: replaced
+    assert (dst / "keep.bin").read_bytes() == b"x"
+
+
+def test_convert_never_replaces_its_source(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "m"
+    assert main(["convert", checkpoint, str(folder)]) == 0
+    before = snapshot(folder)
+    assert main(["convert", str(folder), str(folder), "--force"]) == 2
+    assert "would replace an input of this command" in capsys.readouterr().err
+    assert snapshot(folder) == before
+    pt = tmp_path / "m.pt"
+    assert main(["convert", checkpoint, str(pt)]) == 0
+    assert main(["convert", str(pt), str(pt), "--force"]) == 2
+    assert "would replace an input" in capsys.readouterr().err
+
+
+def test_convert_into_a_file_or_an_impossible_folder(checkpoint, tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert main(["convert", checkpoint, str(tmp_path / "f"), "--force"]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "mine"
+    assert main(["convert", checkpoint, "/dev/null/sub/m.pt"]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+
+
+# ---- train: no silent overwrite ---------------------------------------------------------------------------------
+
+TRAIN = ["train", "--steps", "2", "--batch", "4", "--checkpoint-every", "1"]
+
+
+def test_train_refuses_a_model_it_would_not_resume(checkpoint, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"the user's model")
+    assert main([*TRAIN, "--out", str(run), "--force"]) == 2  # --force: only cmfast's own files
+    assert "model.safetensors exists and is not a file cmfast wrote" in capsys.readouterr().err
+    assert main([*TRAIN, "--out", str(run)]) == 2
+    assert "model.safetensors exists (--force replaces it)" in capsys.readouterr().err
+    assert snapshot(run) == {"model.safetensors": b"the user's model"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--until", "-1"], "--until: expected a positive integer, got -1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive integer, got 0"),
+    (["--threads", "0"], "--threads: expected a positive integer, got 0"),
+    (["--model", "foo"], "--model: unknown preset 'foo'; known: "),
+    (["--lr", "nan"], "--lr: expected a positive finite number, got nan"),
+])
+def test_train_bad_options(tmp_path, capsys, argv, message):
+    assert main([*TRAIN, *argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_a_corrupt_state(tmp_path, capsys):
+    (tmp_path / "state.pt").write_bytes(os.urandom(256))
+    assert main([*TRAIN, "--out", str(tmp_path)]) == 2
+    assert "state.pt: cannot be read as a training state" in capsys.readouterr().err
+
+
+# ---- two jobs into one folder -----------------------------------------------------------------------------------
+
+def test_a_job_writing_into_the_folder_blocks_a_second(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    with Outputs(out, ["samples.npz"]):  # a job running there now
+        assert main(["sample", checkpoint, *SAMPLE, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "another cmfast job is writing into this folder now" in err
+    assert "sampling" not in err  # refused before any work
+    assert not out.exists()
+
+
+def test_two_sample_runs_at_once_leave_one_whole_set(checkpoint, tmp_path, clean):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "cmfast", "sample", checkpoint, *SAMPLE, "--out", str(out)]
+    jobs = [subprocess.Popen([*argv[:-4], "--seed", seed, "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for seed in ("4", "5")]
+    codes = sorted(j.wait(timeout=300) for j in jobs)
+    errors = "".join(j.stderr.read() for j in jobs)
+    assert codes == [0, 2], errors  # one wrote, the other was refused (locked out, or found the files there)
+    assert "another cmfast job" in errors or "samples.npz exists" in errors
+    files = snapshot(out)
+    assert set(files) == SET
+    with np.load(out / "samples.npz") as f:  # grid.png and samples.npz come from the same run
+        expected = images.grid(f["arr_0"])
+    with Image.open(out / "grid.png") as img:
+        assert np.array_equal(np.asarray(img.convert("RGB")), expected)
+
+
+# ---- a kill at each write, an interrupt, SIGTERM ------------------------------------------------------------------
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import numpy as np
+    where, at, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    calls = [0]
+    def counted(real):
+        def call(*args, **kwargs):
+            if where != "replace" or Path(args[1]).parent == out:
+                calls[0] += 1
+                if calls[0] == at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+    if where == "replace":
+        os.replace = counted(os.replace)
+    else:  # in the middle of writing the first temporary
+        np.savez = counted(np.savez)
+    from cmfast.cli import main
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+@pytest.mark.parametrize("where, at", [("savez", 1), ("replace", 1), ("replace", 2), ("replace", 3), ("replace", 4)],
+                         ids=["writing", "journal", "first move", "second move", "record"])
+def test_a_kill_at_each_write_loses_nothing(checkpoint, tmp_path, clean, capsys, where, at):
+    """A SIGKILL (no cleanup runs) at each step of the commit; the next run in the folder completes or redoes the
+    set: the folder ends with exactly the clean run's files."""
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLER, where, str(at), str(out), "sample", checkpoint, *SAMPLE,
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = set(snapshot(out)) if out.exists() else set()
+    assert left <= SET | {JOURNAL} or any(n.startswith(PART) for n in left), left
+    code = main(["sample", checkpoint, *SAMPLE, "--out", str(out)])
+    # the journal's moves were done by the rerun (the set was complete): it finds the files there; else it wrote them
+    assert code == (2 if where == "replace" and at > 1 else 0)
+    same_set(out, clean)
+
+
+def test_an_interrupt_between_the_two_files_leaves_nothing(checkpoint, tmp_path, clean, monkeypatch):
+    out = tmp_path / "out"
+    real = images.save_png
+
+    def interrupted(path, image):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "save_png", interrupted)  # after samples.npz was written
+    with pytest.raises(KeyboardInterrupt):
+        main(["sample", checkpoint, *SAMPLE, "--out", str(out)])
+    assert not out.exists()  # the folder it made is gone again
+    monkeypatch.setattr(images, "save_png", real)
+    assert main(["sample", checkpoint, *SAMPLE, "--out", str(out)]) == 0  # the rerun is not refused
+    same_set(out, clean)
+
+
+def test_sigterm_cleans_up(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    script = ("import os, signal, sys, numpy as np\n"
+              "def savez(*a, **k): os.kill(os.getpid(), signal.SIGTERM)\n"
+              "np.savez = savez\nfrom cmfast.cli import main\nsys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", script, "sample", checkpoint, *SAMPLE, "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert snapshot(out) == {"mine.txt": b"x"}
+
+
+def test_an_unwritable_destination_is_found_before_sampling(checkpoint, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in (("/dev/null/out", "cannot create it"), (tmp_path / "file", "exists and is not a folder")):
+        assert main(["sample", checkpoint, *SAMPLE, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "sampling" not in err, err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_edit_never_replaces_its_input_image(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["sample", checkpoint, "--num", "1", "--out", str(tmp_path / "s")]) == 0
+    out.mkdir()
+    image = out / "inpaint.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    before = image.read_bytes()
+    assert main(["edit", "inpaint", checkpoint, "--image", str(image), "--out", str(out), "--force"]) == 2
+    assert "would replace an input" in capsys.readouterr().err
+    assert image.read_bytes() == before
+
+
+def test_api_overwrite_replaces_the_model_files_only(checkpoint, tmp_path):
+    model = cmfast.load(checkpoint)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine")
+    cmfast.save(model, folder)
+    with pytest.raises(FileExistsError, match="config.json exists"):
+        cmfast.save(model, folder)
+    cmfast.save(model, folder, overwrite=True)
+    assert (folder / "README.md").read_text() == "mine"
