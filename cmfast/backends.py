@@ -26,6 +26,7 @@ from . import tuning
 from ._extension import status as extension
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
+OPS = ("consistency", "group_norm", "attention")  # the ops a backend can be forced for (cmfast.ops.IMPLEMENTED)
 _forced: contextvars.ContextVar[str | dict | None] = contextvars.ContextVar("cmfast_backend", default=None)
 
 
@@ -35,20 +36,38 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_op(op) -> str:
+    if not isinstance(op, str) or op.strip() not in OPS:
+        raise ValueError(f"backend: unknown op {op!r}; the ops are {', '.join(OPS)}")
+    return op.strip()
+
+
 def _parse(spec: str | dict) -> str | dict:
     """A backend name for every op, or per op: {"group_norm": "cpu", ...} or "group_norm=cpu,attention=torch"."""
     if isinstance(spec, str) and "=" in spec:
-        spec = dict(item.split("=", 1) for item in spec.split(",") if item)
+        items = [item for item in spec.split(",") if item.strip()]
+        if any(item.count("=") != 1 for item in items):
+            raise ValueError(f"backend: expected a name or op=name pairs separated by commas, got {spec!r}")
+        spec = dict(item.split("=") for item in items)
     if isinstance(spec, dict):
-        return {op.strip(): _check_name(name.strip()) for op, name in spec.items()}
-    return _check_name(spec)
+        return {_check_op(op): _check_name(name.strip() if isinstance(name, str) else name) for op, name in spec.items()}
+    return _check_name(spec.strip() if isinstance(spec, str) else spec)
+
+
+ENV = "CMFAST_BACKEND"
 
 
 @functools.cache
 def _environment() -> str | dict | None:
     """CMFAST_BACKEND, read and parsed on the first op call of the process (every op call needs it; reading the
     environment each time would cost more than some of the kernels)."""
-    return _parse(os.environ["CMFAST_BACKEND"]) if os.environ.get("CMFAST_BACKEND") else None
+    value = os.environ.get(ENV, "")
+    if not value.strip():
+        return None
+    try:
+        return _parse(value)
+    except ValueError as e:
+        raise ValueError(f"{ENV}={value!r}: {str(e).removeprefix('backend: ')}") from None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,11 @@ import sys
 def _info(args: argparse.Namespace) -> int:
     from .info import report
 
-    print(report(verbose=args.choices))
+    try:
+        print(report(verbose=args.choices))
+    except ValueError as e:  # a bad CMFAST_BACKEND or CMFAST_TUNE: the message names the variable
+        print(f"cmfast info: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

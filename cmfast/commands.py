@@ -149,12 +149,24 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_edit_options(args, size: int) -> None:
+    if args.task == "superres" and (args.factor < 2 or size % args.factor or args.factor >= size):
+        divisors = [f for f in range(2, size) if size % f == 0]
+        raise ValueError(f"--factor: expected an integer >= 2 that divides the model's image size {size} "
+                         f"({', '.join(map(str, divisors[:6]))}{', ...' if len(divisors) > 6 else ''}), got {args.factor}")
+    if args.task == "interpolate" and args.frames < 2:
+        raise ValueError(f"--frames: expected at least 2 (the two ends), got {args.frames}")
+    if args.task in ("denoise", "stroke") and not (math.isfinite(args.sigma) and 0 < args.sigma <= sampling.SIGMA_MAX):
+        raise ValueError(f"--sigma: expected a noise level in (0, {sampling.SIGMA_MAX}], got {args.sigma}")
+
+
 def _edit(args: argparse.Namespace, out: outputs.Outputs, result_png: str, compare_png: str) -> str:
     device = resolve_device(args.device)
     model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
     if model.kind != "consistency":
         raise ValueError(f"checkpoint: editing needs a consistency model, {model.name} is an EDM teacher")
     size = model.unet.config.image_size
+    _check_edit_options(args, size)
     gens = sampling.generators_for(args.seed, [0])
     given = [args.class_label] if args.class_label is not None else None
     check_labels(model, given)

@@ -16,7 +16,7 @@ import math
 import torch
 
 from .consistency import Denoiser
-from .sampling import NoiseSource, _check, _levels, sample
+from .sampling import NoiseSource, _check, _levels, check_sigma, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)
 
@@ -118,10 +118,18 @@ def edit(denoiser: Denoiser, image: torch.Tensor, transform: Transform, sigmas, 
     raise AssertionError("unreachable")
 
 
-def _check_image(name, image, channels=None):
+def _check_image(name, image, channels=None, *, in_range=True):
+    """A (batch, C, H, W) floating-point tensor, finite, and (in_range) within the model's [-1, 1]."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or (channels and image.shape[1] != channels):
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{name}: expected shape (batch, {channels or 'C'}, H, W), got {got}")
+    if not image.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor in [-1, 1], got {image.dtype}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{name}: holds NaN or infinite values")
+    if in_range and image.numel() and (float(image.min()) < -1 - 1e-6 or float(image.max()) > 1 + 1e-6):
+        raise ValueError(f"{name}: expected pixel values in [-1, 1] (the models' range), got "
+                         f"[{float(image.min()):.4g}, {float(image.max()):.4g}]")
 
 
 def inpaint(denoiser, image, mask, sigmas, **kw) -> torch.Tensor:
@@ -132,6 +140,9 @@ def inpaint(denoiser, image, mask, sigmas, **kw) -> torch.Tensor:
         known = torch.broadcast_to(mask, image.shape) if mask.dim() != 2 else mask.expand(image.shape)
     except RuntimeError:
         raise ValueError(f"mask: shape {tuple(mask.shape)} does not fit the image {tuple(image.shape)}") from None
+    if not bool(((known == 0) | (known == 1)).all()):
+        raise ValueError(f"mask: expected values 0 (to fill) and 1 (to keep), got values in "
+                         f"[{float(known.min()):.4g}, {float(known.max()):.4g}]")
     return edit(denoiser, image, Pixels(known), sigmas, **kw)
 
 
@@ -164,7 +175,8 @@ def stroke_guided(denoiser, strokes, sigmas, *, y=None, noise=None, generator=No
 @torch.no_grad()
 def denoise(denoiser, noisy, sigma, *, y=None) -> torch.Tensor:
     """One call f(x, sigma) at the image's true noise level sigma."""
-    _check_image("noisy", noisy)
+    _check_image("noisy", noisy, in_range=False)
+    check_sigma("sigma", sigma, denoiser)
     return denoiser(noisy, sigma, y, clamp=True)
 
 
@@ -184,7 +196,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
 @torch.no_grad()
 def interpolate(denoiser, z0, z1, alphas, *, y=None, sigma_max: float = 80.0) -> torch.Tensor:
     """One-step samples along the slerp between latents z0 and z1 (N(0, I)): (len(alphas), batch, C, H, W)."""
-    _check_image("z0", z0)
+    _check_image("z0", z0, in_range=False)
     if z1.shape != z0.shape:
         raise ValueError(f"z1: expected the shape of z0 {tuple(z0.shape)}, got {tuple(z1.shape)}")
     return torch.stack([sample(denoiser, sigma_max * slerp(z0, z1, float(a)), [sigma_max], y=y) for a in alphas])

@@ -61,13 +61,40 @@ class NoiseSource:
         return randn(self.like.shape, self.generator, self.like.device, torch.float32).to(self.like.dtype)
 
 
-def _levels(sigmas, name="sigmas") -> list[float]:
-    values = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+SIGMA_MAX = 80.0  # the largest noise level the released models (and cmfast's own) were trained at
+
+
+def _levels(sigmas, name="sigmas", sigma_max: float = SIGMA_MAX) -> list[float]:
+    """Noise levels as floats: a list, tuple, 1-D tensor or array of positive, finite, strictly decreasing
+    numbers, none above sigma_max."""
+    if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__") or getattr(sigmas, "ndim", 1) != 1:
+        got = f"a {sigmas.ndim}-D array" if getattr(sigmas, "ndim", 1) != 1 else f"{type(sigmas).__name__} {sigmas!r:.40}"
+        raise ValueError(f"{name}: expected a sequence of noise levels (a list or 1-D tensor; one level: [sigma]), "
+                         f"got {got}")
+    try:
+        values = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected numbers, got {list(sigmas)!r:.80}") from None
     if not values:
         raise ValueError(f"{name}: expected at least one noise level")
     if any(not math.isfinite(s) or s <= 0 for s in values) or any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name}: expected positive, strictly decreasing noise levels, got {values}")
+    if values[0] > sigma_max * (1 + 1e-6):
+        raise ValueError(f"{name}: levels must be <= sigma_max = {sigma_max} (the largest the models were trained "
+                         f"at), got {values[0]}")
     return values
+
+
+def check_sigma(name: str, sigma, denoiser) -> None:
+    """One noise level (a number, or one per sample as a 1-D tensor) within [sigma_min, sigma_max], finite."""
+    values = sigma.flatten().tolist() if isinstance(sigma, torch.Tensor) else [sigma]
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {sigma!r:.40}") from None
+    bad = [v for v in values if not (math.isfinite(v) and denoiser.sigma_min <= v <= SIGMA_MAX)]
+    if bad:
+        raise ValueError(f"{name}: expected a noise level in [{denoiser.sigma_min}, {SIGMA_MAX}], got {bad[0]}")
 
 
 def _check(denoiser, x, kind):

@@ -3,6 +3,7 @@ file was lost, changed or left behind. Writing: --force, two jobs into one folde
 interrupt, an unwritable destination. Reading: images, masks, sigmas, labels, checkpoints, configs, environment."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -267,3 +269,190 @@ def test_api_overwrite_replaces_the_model_files_only(checkpoint, tmp_path):
         cmfast.save(model, folder)
     cmfast.save(model, folder, overwrite=True)
     assert (folder / "README.md").read_text() == "mine"
+
+
+# ---- reading images, masks, options ---------------------------------------------------------------------------
+
+def test_a_16_bit_png_keeps_its_values(tmp_path):
+    levels = (np.arange(256).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    got = images.load_image(tmp_path / "g16.png")
+    want = torch.from_numpy(levels / 65535.0 * 2 - 1).float()
+    assert got.shape == (1, 3, 16, 16)
+    assert torch.allclose(got[0, 0], want, atol=1e-6) and torch.equal(got[0, 0], got[0, 2])
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("float", "has floating-point pixels; cmfast reads 8-bit images and 16-bit grayscale"),
+    ("text", "is not an image file"),
+    ("truncated", "cannot be read (truncated or corrupt?)"),
+    ("folder", "is a folder, not an image file"),
+])
+def test_bad_image_files(checkpoint, tmp_path, capsys, kind, message):
+    path = tmp_path / "in.tif"
+    if kind == "float":
+        Image.fromarray(np.zeros((16, 16), np.float32)).save(path)
+    elif kind == "text":
+        path.write_text("not an image")
+    elif kind == "truncated":
+        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "in.png")
+        path.write_bytes((tmp_path / "in.png").read_bytes()[:60])
+    else:
+        path.mkdir()
+    assert main(["edit", "colorize", checkpoint, "--image", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def image16(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    *[(["denoise", "--sigma", v], f"--sigma: expected a noise level in (0, 80.0], got {float(v)}")
+      for v in ("-1", "nan", "inf", "1e30")],
+    *[(["superres", "--factor", v], f"--factor: expected an integer >= 2 that divides the model's image size 16 "
+                                    f"(2, 4, 8), got {v}") for v in ("0", "-2", "32", "3")],
+    (["interpolate", "--frames", "0"], "--frames: expected at least 2 (the two ends), got 0"),
+])
+def test_bad_edit_options(checkpoint, image16, tmp_path, capsys, argv, message):
+    task, *rest = argv
+    assert main(["edit", task, checkpoint, "--image", image16, *rest, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def denoiser(checkpoint):
+    return cmfast.Denoiser(cmfast.load(checkpoint))
+
+
+def test_masks_and_images_out_of_range_are_refused(denoiser):
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    y = torch.tensor([1])
+    for bad in (torch.full((16, 16), 8.0), torch.full((16, 16), 0.5)):
+        with pytest.raises(ValueError, match=r"mask: expected values 0 \(to fill\) and 1 \(to keep\)"):
+            cmfast.editing.inpaint(denoiser, image, bad, [80.0], y=y)
+    with pytest.raises(ValueError, match=r"image: expected pixel values in \[-1, 1\] \(the models' range\), got \[-3\.\d+, 3\.\d+\]"):
+        cmfast.editing.inpaint(denoiser, image * 4, torch.ones(16, 16), [80.0], y=y)
+    with pytest.raises(ValueError, match="noisy: holds NaN or infinite values"):
+        cmfast.editing.denoise(denoiser, image * float("nan"), 1.0, y=y)
+
+
+@pytest.mark.parametrize("sigmas, message", [
+    ("80", "expected a sequence of noise levels"),
+    (80.0, "expected a sequence of noise levels"),
+    (torch.ones(2, 2), "got a 2-D array"),
+    ([1e30], r"levels must be <= sigma_max = 80.0"),
+    ([80.0, "x"], "expected numbers"),
+    ([float("nan")], "positive, strictly decreasing"),
+])
+def test_bad_sigmas(denoiser, sigmas, message):
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        cmfast.sample(denoiser, x, sigmas, y=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("sigma", [-1.0, float("nan"), float("inf"), 1e30, "x"])
+def test_bad_denoise_sigma(denoiser, sigma):
+    with pytest.raises(ValueError, match="sigma: expected a"):
+        cmfast.editing.denoise(denoiser, torch.zeros(1, 3, 16, 16), sigma, y=torch.tensor([1]))
+
+
+def test_labels_of_any_integer_type(denoiser):
+    unet, x, t = denoiser.unet, torch.randn(3, 3, 16, 16), torch.tensor([1.0, 2.0, 3.0])
+    with torch.no_grad():
+        want = unet(x, t, torch.tensor([1, 7, 9]))
+        for dtype in (torch.uint8, torch.int8, torch.int32):
+            assert torch.equal(unet(x, t, torch.tensor([1, 7, 9], dtype=dtype)), want)
+
+
+# ---- reading checkpoints, configs, the environment ----------------------------------------------------------
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan", r"weight tensor\(s\) hold NaN or infinite values"),
+    ("int", "expected floating-point weights, got torch.int64"),
+])
+def test_damaged_weights_are_refused_at_load(checkpoint, tmp_path, capsys, damage, message):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(checkpoint)
+    with safe_open(checkpoint, framework="pt") as fh:
+        metadata = fh.metadata()
+    key = "out.2.weight"
+    state[key] = state[key] * float("nan") if damage == "nan" else state[key].long()
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(cmfast.models.CheckpointError, match=message):
+        cmfast.load(tmp_path / "bad.safetensors")
+    assert main(["sample", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_random_bytes_are_not_called_a_pickle(tmp_path):
+    (tmp_path / "r.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(cmfast.models.CheckpointError, match="cannot be read as a torch checkpoint"):
+        cmfast.load(tmp_path / "r.pt")
+
+
+def diffusers_folder(checkpoint, tmp_path) -> Path:
+    folder = tmp_path / "m"
+    cmfast.save(cmfast.load(checkpoint), folder)
+    return folder
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[:-5], r"config.json: not valid JSON"),
+    (lambda text: text.replace('"layers_per_block": 1', '"layers_per_block": "two"'),
+     r"config.json: diffusers config: layers_per_block='two' is not supported by cmfast \(supported: a positive int\)"),
+    (lambda text: text.replace('"block_out_channels"', '"block_out_channels_"'),
+     r"config.json: diffusers config: missing field\(s\) block_out_channels"),
+])
+def test_malformed_diffusers_config(checkpoint, tmp_path, capsys, edit, message):
+    folder = diffusers_folder(checkpoint, tmp_path)
+    config = folder / "config.json"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(cmfast.models.CheckpointError, match=message):
+        cmfast.load(folder)
+    assert main(["sample", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ("not json", "bad cmfast_config metadata"),
+    ('{"model_channels": "x", "num_res_blocks": 1, "channel_mult": [1]}', "model_channels: expected a positive int"),
+    ('{"model_channels": 32, "num_res_blocks": 1, "channel_mult": [1], "colour": 1}', "fields of UNetConfig"),
+])
+def test_bad_recorded_config(checkpoint, tmp_path, metadata, message):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(checkpoint), str(tmp_path / "m.safetensors"), metadata={"cmfast_config": metadata})
+    with pytest.raises(cmfast.models.CheckpointError, match=message):
+        cmfast.load(tmp_path / "m.safetensors")
+
+
+def test_load_on_a_missing_cuda_device(checkpoint):
+    with pytest.raises(ValueError, match="no CUDA device here|numbered from 0"):
+        cmfast.load(checkpoint, device="cuda:99")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("garbage", "CMFAST_BACKEND='garbage': expected one of cuda, triton, cpu, torch, reference"),
+    ("unknown_op=cpu", "CMFAST_BACKEND='unknown_op=cpu': unknown op 'unknown_op'"),
+    ("group_norm=cpu,x", "CMFAST_BACKEND='group_norm=cpu,x': expected a name or op=name pairs"),
+])
+def test_bad_backend_environment(monkeypatch, capsys, value, message):
+    from cmfast import backends
+
+    monkeypatch.setenv("CMFAST_BACKEND", value)
+    backends._environment.cache_clear()
+    try:
+        assert main(["info"]) == 2
+        assert message in capsys.readouterr().err
+    finally:
+        monkeypatch.delenv("CMFAST_BACKEND")
+        backends._environment.cache_clear()

@@ -29,12 +29,37 @@ def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not _is_pickle(path):  # random bytes, or a damaged file: not a pickle that carries anything
+            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (not one, or corrupt)") from None
         raise CheckpointError(
             f"{path}: refused: the file is a pickle carrying code or objects beyond tensors, which "
             f"weights_only loading will not run ({str(e).splitlines()[0]})"
         ) from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): {e}") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file holds a well-formed pickle stream (the data.pkl of torch's zip format, or a legacy file's
+    first pickle), read opcode by opcode without running any of it."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return False
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        for opcode, _, _ in pickletools.genops(data):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # an invalid opcode, a truncated stream, a damaged zip
+        return False
+    return False
 
 
 def _safetensors_load(path: Path) -> tuple[dict, dict]:
@@ -45,6 +70,33 @@ def _safetensors_load(path: Path) -> tuple[dict, dict]:
             return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as safetensors (truncated or corrupt?): {e}") from None
+
+
+def _diffusers_config_file(path: Path) -> UNetConfig:
+    """A diffusers config.json, every error naming the file."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return config_from_diffusers(cfg)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _recorded_config(path: Path, text: str) -> UNetConfig:
+    """The UNetConfig a cmfast .safetensors records in its metadata."""
+    fields = set(UNetConfig.__dataclass_fields__)
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict) or not set(value) <= fields:
+            raise ValueError(f"expected an object with the fields of UNetConfig, got {text[:80]!r}")
+        config = UNetConfig(**_tuples(value))  # which checks every field's type and range
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad {CONFIG_METADATA} metadata: {str(e).splitlines()[0]}") from None
+    return config
 
 
 def is_diffusers_keys(state_dict: dict) -> bool:
@@ -65,9 +117,9 @@ def read(source) -> tuple[dict, UNetConfig | None]:
             return _read_diffusers_folder(path)
         if path.suffix == ".safetensors":
             state, meta = _safetensors_load(path)
-            config = UNetConfig(**_tuples(json.loads(meta[CONFIG_METADATA]))) if CONFIG_METADATA in meta else None
+            config = _recorded_config(path, meta[CONFIG_METADATA]) if CONFIG_METADATA in meta else None
             if config is None and is_diffusers_keys(state) and (path.parent / "config.json").is_file():
-                config = config_from_diffusers(json.loads((path.parent / "config.json").read_text()))
+                config = _diffusers_config_file(path.parent / "config.json")
         else:
             state, config = _torch_load(path), None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -82,7 +134,7 @@ def read(source) -> tuple[dict, UNetConfig | None]:
 def _read_diffusers_folder(path: Path) -> tuple[dict, UNetConfig]:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: a diffusers model folder needs config.json")
-    config = config_from_diffusers(json.loads((path / "config.json").read_text()))
+    config = _diffusers_config_file(path / "config.json")
     for name in DIFFUSERS_WEIGHTS:
         if (path / name).is_file():
             weights = path / name
@@ -148,6 +200,7 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     input shape on this machine (UNet.set_channels_last(None)); outputs are NCHW either way.
     """
     precision = _precision(dtype)
+    device = _device(device)
     if isinstance(source, str) and not Path(source).exists():  # a name: the built-in model's or a preset's
         from ..pretrained import locate
 
@@ -169,12 +222,38 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
         raise ValueError(f"num_head_channels: {num_head_channels} given, but the source records "
                          f"{config.num_head_channels}")
     check_fits(state, config)
+    check_values(state)
     with torch.device("meta"):
         model = UNet(config)
     model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, assign=True)
     model.set_precision(precision)
     model.set_channels_last(channels_last)
     return model.eval().requires_grad_(False)
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device (cpu, cuda, cuda:N), got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r}: no CUDA device here (torch {torch.__version__}); use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={str(device)!r}: there are {count} CUDA device(s), numbered from 0")
+    return device
+
+
+def check_values(state: dict) -> None:
+    """Refuse weights that are not floating-point numbers, or not finite: they would load and sample black images."""
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{key}: expected floating-point weights, got {value.dtype}")
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): a damaged checkpoint")
 
 
 def unrecorded(model: UNet) -> dict:

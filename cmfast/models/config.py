@@ -37,6 +37,28 @@ class UNetConfig:
     activation: str = "silu"  # of every ResBlock: "silu" (the reference) or "gelu" (exact, not tanh-approximated)
 
     def __post_init__(self):
+        def positive_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        def ints(v):
+            return isinstance(v, tuple) and all(positive_int(i) for i in v)
+
+        checks = {
+            "model_channels": (positive_int, "a positive int"), "num_res_blocks": (positive_int, "a positive int"),
+            "channel_mult": (lambda v: ints(v) and len(v) > 0, "a non-empty tuple of positive ints"),
+            "image_size": (positive_int, "a positive int"), "in_channels": (positive_int, "a positive int"),
+            "out_channels": (positive_int, "a positive int"), "attention_resolutions": (ints, "a tuple of positive ints"),
+            "num_classes": (lambda v: v is None or positive_int(v), "None or a positive int"),
+            "num_head_channels": (positive_int, "a positive int"), "num_groups": (positive_int, "a positive int"),
+            "freq_shift": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0"),
+            "dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                        "a number in [0, 1)"),
+        }
+        checks.update({name: (lambda v: isinstance(v, bool), "true or false") for name in
+                       ("use_scale_shift_norm", "resblock_updown", "flip_sin_to_cos", "center_input_sample")})
+        for name, (ok, expected) in checks.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):

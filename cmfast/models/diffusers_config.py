@@ -94,6 +94,21 @@ def check(cfg: dict) -> dict:
             raise _refuse(field, cfg[field], "true or false")
     if not isinstance(cfg["freq_shift"], int) or isinstance(cfg["freq_shift"], bool) or cfg["freq_shift"] < 0:
         raise _refuse("freq_shift", cfg["freq_shift"], "an int >= 0 below half the embedding width")
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    for field in ("layers_per_block", "in_channels", "out_channels"):
+        if not positive_int(cfg[field]):
+            raise _refuse(field, cfg[field], "a positive int")
+    size = cfg["sample_size"]
+    if not (size is None or positive_int(size) or (isinstance(size, (list, tuple)) and len(size) == 2
+                                                   and size[0] == size[1] and positive_int(size[0]))):
+        raise _refuse("sample_size", size, "a positive int, or [n, n]")
+    if not (cfg["num_class_embeds"] is None or positive_int(cfg["num_class_embeds"])):
+        raise _refuse("num_class_embeds", cfg["num_class_embeds"], "null or a positive int")
+    dropout = cfg["dropout"]
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise _refuse("dropout", dropout, "a number in [0, 1)")
     groups = cfg["norm_num_groups"]
     if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
         raise _refuse("norm_num_groups", groups, "a positive int dividing every width")

@@ -344,6 +344,8 @@ class UNet(PrecisionMoves, nn.Module):
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         self._check_inputs(x, timesteps, y)
+        if y is not None and y.dtype != torch.long:
+            y = y.long()  # uint8, int32, ...: nn.Embedding indexes with int64 (a uint8 index would be a mask)
         if self.channels_last is None:
             return self._measured_layout(x, timesteps, y)
         return self._forward(x, timesteps, y, self.channels_last)
