@@ -34,33 +34,43 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
-def load_image(path, size: int | None = None, channels: int = 3) -> torch.Tensor:
-    """An image file as (1, channels, H, W) in [-1, 1] (3: RGB, 1: grayscale), resized (bicubic) when size is given.
-    8-bit images in any mode PIL converts (palette, grayscale, RGBA: alpha dropped, CMYK); 16-bit grayscale scaled
-    from [0, 65535]; other modes (32-bit integer or float pixels) refused."""
+def open_image(path, what: str):
+    """The PIL image of a file, decoded, or one clear error naming `what` and the file: a folder, a file that is no
+    image, truncated data, pixels of more than 16 bits. Use as a context manager."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"image: {path} is a folder, not an image file")
+        raise ValueError(f"{what}: {path} is a folder, not an image file")
     if not path.is_file():
-        raise FileNotFoundError(f"image: no such file {path}")
+        raise FileNotFoundError(f"{what}: no such file {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                wide = np.asarray(img, dtype=np.float64) / 65535.0  # 16-bit grayscale
-                t = torch.from_numpy(wide).float()[None, None] * 2 - 1
-                t = t.expand(1, channels, *t.shape[2:]).contiguous()
-                return t if size is None else _resized(t, size)
-            if img.mode in ("I", "F"):
-                raise ValueError(f"image: {path} has {'32-bit integer' if img.mode == 'I' else 'floating-point'} "
-                                 "pixels; cmfast reads 8-bit images and 16-bit grayscale")
-            img = img.convert("RGB" if channels == 3 else "L")
+        img = Image.open(path)
+        img.load()
     except UnidentifiedImageError:
-        raise ValueError(f"image: {path} is not an image file (PIL cannot identify it)") from None
+        raise ValueError(f"{what}: {path} is not an image file (PIL cannot identify it)") from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
-        raise ValueError(f"image: {path} cannot be read (truncated or corrupt?): {e}") from None
+        raise ValueError(f"{what}: {path} cannot be read (truncated or corrupt?): {e}") from None
+    if img.mode in ("I", "F"):
+        img.close()
+        raise ValueError(f"{what}: {path} has {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels; "
+                         "cmfast reads 8-bit images and 16-bit grayscale")
+    return img
+
+
+def load_image(path, size: int | None = None, channels: int = 3) -> torch.Tensor:
+    """An image file as (1, channels, H, W) in [-1, 1] (3: RGB, 1: grayscale), resized (bicubic) when size is given.
+    8-bit images in any mode PIL converts (palette, grayscale, RGBA: alpha dropped, CMYK); 16-bit grayscale scaled
+    from [0, 65535]; other modes (32-bit integer or float pixels) refused."""
+    from PIL import Image
+
+    with open_image(path, "image") as img:
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            wide = np.asarray(img, dtype=np.float64) / 65535.0  # 16-bit grayscale
+            t = torch.from_numpy(wide).float()[None, None] * 2 - 1
+            t = t.expand(1, channels, *t.shape[2:]).contiguous()
+            return t if size is None else _resized(t, size)
+        img = img.convert("RGB" if channels == 3 else "L")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     a = np.asarray(img)

@@ -3,7 +3,6 @@ files and no system font (the glyph uses the font bundled with Pillow); any imag
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,10 +49,11 @@ def load(path, size: int) -> torch.Tensor:
     """A mask image: white (> 127) is known; resized (nearest) to size x size if needed."""
     from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mask: no such file {path}")
-    img = Image.open(path).convert("L")
+    from .images import open_image
+
+    with open_image(path, "mask") as opened:
+        wide = opened.mode.startswith("I;16")
+        img = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8)) if wide else opened.convert("L")
     if img.size != (size, size):
         img = img.resize((size, size), Image.NEAREST)
     return torch.from_numpy((np.asarray(img) > 127).astype(np.float32))

@@ -456,3 +456,15 @@ def test_bad_backend_environment(monkeypatch, capsys, value, message):
     finally:
         monkeypatch.delenv("CMFAST_BACKEND")
         backends._environment.cache_clear()
+
+
+def test_mask_files(tmp_path):
+    from cmfast import masks
+
+    (tmp_path / "m.png").write_text("no image")
+    with pytest.raises(ValueError, match="mask: .*m.png is not an image file"):
+        masks.load(tmp_path / "m.png", 16)
+    wide = np.zeros((16, 16), np.uint16)
+    wide[:, :8] = 65535  # the left half known, in a 16-bit file
+    Image.fromarray(wide).save(tmp_path / "m16.png")
+    assert torch.equal(masks.load(tmp_path / "m16.png", 16), torch.from_numpy((wide > 0).astype(np.float32)))
