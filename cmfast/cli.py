@@ -266,10 +266,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _run(name: str):
     def run(args: argparse.Namespace) -> int:
         from . import commands
+        from .distributed import JobFailed
         from .models import CheckpointError
 
         try:
             return getattr(commands, name)(args)
+        except JobFailed as e:  # a process of a sampling job: every process says which
+            print(f"cmfast {args.command}: {e}", file=sys.stderr)
+            return 1
         except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ImportError) as e:
             # ImportError: an optional extra is missing (scikit-learn for the digits commands); the message names it
             print(f"cmfast {args.command}: {e}", file=sys.stderr)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from . import editing, images, masks, outputs, pretrained, sampling, schedules
-from .consistency import Denoiser
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -63,16 +62,6 @@ def check_labels(model: pretrained.Model, given: list[int] | None) -> None:
         raise ValueError(f"class labels: labels must lie in [0, {n_classes}), got {bad}")
 
 
-def labels_for(model: pretrained.Model, indices, gens, given: list[int] | None, device) -> torch.Tensor | None:
-    """Class labels: the given list, cycled over the sample indices, or one drawn from each sample's generator."""
-    n_classes = model.unet.config.num_classes
-    if n_classes is None:
-        return None
-    if given:
-        return torch.tensor([given[i % len(given)] for i in indices], device=device)
-    return torch.cat([torch.randint(n_classes, (1,), generator=g, device=g.device) for g in gens]).to(device)
-
-
 def _outputs(args, names, *inputs) -> outputs.Outputs:
     """--out and --force as cmfast.outputs takes them: --force replaces only cmfast's own earlier outputs, and never
     one of the command's input files."""
@@ -81,43 +70,25 @@ def _outputs(args, names, *inputs) -> outputs.Outputs:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    """One process, or every process of a torchrun job (cmfast.distributed: shards, resumable, the same images)."""
+    from . import distributed
 
     if args.num < 1 or args.batch < 1:
         raise ValueError(f"--num and --batch: expected positive counts, got {args.num} and {args.batch}")
-    with _outputs(args, ["samples.npz", "grid.png"], args.checkpoint) as out:
-        device = resolve_device(args.device)
-        model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
-        given = _ints(args.class_labels, "--class-labels") if args.class_labels else None
-        check_labels(model, given)
-        if model.kind == "edm":
-            levels = schedules.karras_sigmas(args.steps or 40).tolist()
-            run = sampling.sample_heun
-        else:
-            levels = consistency_levels(args, model, default_steps=1)
-            run = sampling.sample
-        denoiser = Denoiser(model.unet, kind=model.kind, cuda_graph=args.cuda_graph)
-        size, channels = model.unet.config.image_size, model.unet.config.in_channels
-        results, all_labels = [], []
-        calls = 2 * len(levels) - 1 if model.kind == "edm" else len(levels)  # Heun: two calls a step but the last
-        desc = f"sampling {model.name}, {calls} network call{'s' if calls > 1 else ''} an image"
-        with tqdm(total=args.num, unit="img", desc=desc) as bar:
-            for start in range(0, args.num, args.batch):
-                indices = range(start, min(start + args.batch, args.num))
-                gens = sampling.generators_for(args.seed, indices)
-                y = labels_for(model, indices, gens, given, device)
-                x = levels[0] * sampling.randn((len(indices), channels, size, size), gens, device)
-                results.append(images.to_uint8(run(denoiser, x, levels, y=y, generator=gens)))
-                if y is not None:
-                    all_labels.append(y.cpu().numpy())
-                bar.update(len(indices))
-        arr = np.concatenate(results)
-        labels = np.concatenate(all_labels).astype(np.int64) if all_labels else None
-        images.save_npz(out.stage("samples.npz"), arr, labels)
-        images.save_png(out.stage("grid.png"), images.grid(arr))
-        out.commit()
-    print(f"wrote {out.path('samples.npz')} ({arr.shape[0]} images, {len(levels)} network call(s) each) and "
-          f"{out.path('grid.png')}")
+    device = distributed.process_device(resolve_device(args.device))
+    model = pretrained.find(args.checkpoint, device=device, dtype=args.precision)
+    given = _ints(args.class_labels, "--class-labels") if args.class_labels else None
+    check_labels(model, given)
+    if model.kind == "edm":
+        levels = schedules.karras_sigmas(args.steps or 40).tolist()
+    else:
+        levels = consistency_levels(args, model, default_steps=1)
+    written = distributed.sample_to_folder(model, args.out, num=args.num, batch=args.batch, seed=args.seed,
+                                           sigmas=levels, class_labels=given, force=args.force,
+                                           cuda_graph=args.cuda_graph)
+    if written is not None:
+        print(f"wrote {written} ({args.num} images, {len(levels)} network call(s) each) and "
+              f"{written.with_name('grid.png')}")
     return 0
 
 
@@ -170,7 +141,7 @@ def _edit(args: argparse.Namespace, out: outputs.Outputs, result_png: str, compa
     gens = sampling.generators_for(args.seed, [0])
     given = [args.class_label] if args.class_label is not None else None
     check_labels(model, given)
-    y = labels_for(model, [0], gens, given, device)
+    y = sampling.labels_for(model.unet.config.num_classes, [0], gens, given, device)
     if y is not None and given is None:
         print(f"class label: {int(y[0])} (drawn from --seed {args.seed}; --class-label chooses one)")
     den = model.denoiser

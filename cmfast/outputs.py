@@ -12,7 +12,7 @@
 Then `out.stage(name)` gives the path to write each output to (a hidden temporary in the same folder), and
 `out.commit()` moves the whole set into place: first a journal naming every move, then the moves, then the
 journal's removal. A run killed during the moves is completed by the next cmfast job in that folder (the journal
-is rolled forward); temporaries of killed runs are deleted then. Leaving the block without commit() (an error, ^C,
+is rolled forward, the working files it names removed); temporaries of killed runs are deleted then. Leaving the block without commit() (an error, ^C,
 SIGTERM) deletes the temporaries and any folder the block created, so a failed run leaves nothing behind.
 File modes follow the umask.
 """
@@ -81,7 +81,23 @@ def _finish(folder: Path, journal: dict) -> None:
                 os.replace(folder / part, folder / name)
     record.update({k: v for k, v in journal.get("record", {}).items() if isinstance(v, dict)})
     _write_json(folder / RECORD, record)
+    for name in journal.get("drop", []):  # cmfast's own working files that the set replaces (a job's shards)
+        if isinstance(name, str) and name.startswith(".cmfast-") and "/" not in name and name != JOURNAL:
+            _remove(folder / name)
     (folder / JOURNAL).unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            if child.is_file() or child.is_symlink():
+                child.unlink(missing_ok=True)
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+    else:
+        path.unlink(missing_ok=True)
 
 
 def recover(folder: Path) -> None:
@@ -192,9 +208,10 @@ class Outputs:
         self._staged[name] = part
         return part
 
-    def commit(self) -> None:
+    def commit(self, drop=()) -> None:
         """Move every staged output into place, as one set. A block may commit again (a training run's checkpoints:
-        each a whole set), staging every output anew."""
+        each a whole set), staging every output anew. drop: names of cmfast's own working files or folders in the
+        folder (".cmfast-..."), removed as part of the commit (a killed commit's successor removes them too)."""
         missing = [n for n in self.names if n not in self._staged or not self._staged[n].is_file()]
         if missing:
             raise RuntimeError(f"Outputs.commit: {', '.join(missing)} not written")
@@ -205,7 +222,7 @@ class Outputs:
             _fsync(part)
             st = part.stat()  # a rename keeps both
             record[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        journal = {"moves": [[p.name, n] for n, p in self._staged.items()], "record": record}
+        journal = {"moves": [[p.name, n] for n, p in self._staged.items()], "record": record, "drop": list(drop)}
         _write_json(self.folder / JOURNAL, journal)
         _finish(self.folder, journal)
         os.fsync(self._fd)

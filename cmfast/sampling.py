@@ -29,6 +29,16 @@ def generators_for(seed: int, indices: Sequence[int], device="cpu") -> list[torc
     return gens
 
 
+def labels_for(num_classes: int | None, indices, gens, given: list[int] | None, device) -> torch.Tensor | None:
+    """Class labels of the samples `indices`: the given list cycled over the indices, or one drawn from each sample's
+    generator (before its noise); None for an unconditional model."""
+    if num_classes is None:
+        return None
+    if given:
+        return torch.tensor([given[i % len(given)] for i in indices], device=device)
+    return torch.cat([torch.randint(num_classes, (1,), generator=g, device=g.device) for g in gens]).to(device)
+
+
 def randn(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) of `shape`; with a list of generators, row b of the batch comes from generator b alone."""
     if isinstance(generator, (list, tuple)):
