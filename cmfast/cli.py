@@ -129,7 +129,12 @@ def _add_sample(sub) -> None:
         "sample",
         help="generate images: one step, multistep, or Heun for EDM teachers",
         description="Sample N images and write OUT/samples.npz (the reference's format: arr_0 uint8 NHWC, arr_1 "
-        "labels for class-conditional models) and OUT/grid.png. A seed gives the same images whatever --batch.",
+        "labels for class-conditional models) and OUT/grid.png. A seed fixes every sample's noise and label whatever "
+        "--batch (the images then agree to one grey level; bit for bit at the same --batch). Runs as one process or "
+        "as each process of a torchrun job (`torchrun --nproc-per-node 8 -m cmfast -- sample ...`; the -- keeps "
+        "torchrun from reading --num as its own option), each on the GPU of its LOCAL_RANK: the same file whatever "
+        "the number of processes. Finished batches are kept in OUT/.cmfast-shards/ until the set is written, so the "
+        "same command started again after a stop completes the job.",
     )
     p.add_argument("checkpoint", nargs="?", default=None,
                    help="checkpoint path (.pt, .safetensors, diffusers folder) or preset name (cd_imagenet64_l2, ...)")

@@ -147,6 +147,7 @@ class Progress:
     def finish(self) -> None:
         self.bar.update(self.total - self.counted)
         self.counted = self.total
+        self.bar.close()
 
     def __enter__(self) -> "Progress":
         return self
