@@ -44,7 +44,7 @@ BENCHMARKS = ("unet_forward", "sample_1step", "sample_2step")
 PEERS = ("cmfast-reference", "diffusers", "diffusers-channels-last", "diffusers-autocast-channels-last",
          "diffusers-compile", "diffusers-compile-max-autotune-no-cudagraphs", "diffusers-compile-reduce-overhead",
          "diffusers-cudnn-benchmark", "diffusers-pipeline", "diffusers-pipeline-channels-last", "diffusers-pipeline-compile")
-# preset -> the diffusers scheduler's num_train_timesteps (SPEC.md section 2) and the two-step schedule
+# preset -> the diffusers scheduler's num_train_timesteps (docs/model.md section 2) and the two-step schedule
 IMAGENET = ("cd_imagenet64_l2", 40, [22, 0])
 LSUN = ("ct_bedroom256", 151, None)
 QUICK_IMAGENET = ("test_imagenet", 40, [22, 0])

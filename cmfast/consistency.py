@@ -1,5 +1,5 @@
 """The consistency function f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, 250 ln sigma, y)
-(SPEC.md section 3), and the EDM teacher's denoiser D(x, sigma) (the same without the sigma_min shift), as a thin
+(docs/model.md section 3), and the EDM teacher's denoiser D(x, sigma) (the same without the sigma_min shift), as a thin
 wrapper around the raw network; the `consistency` op computes the scalings on either side of the network."""
 
 from __future__ import annotations

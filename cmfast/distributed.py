@@ -170,7 +170,7 @@ def sample_to_folder(model, out, *, num: int, batch: int, seed: int = 0, sigmas=
     out = Path(out)
     if sigmas is None:
         sigmas = schedules.karras_sigmas(40) if model.kind == "edm" else [sampling.SIGMA_MAX]
-    levels = sampling._levels(sigmas)
+    levels = sampling.noise_levels(sigmas)
     unet_config = model.unet.config
     job = {"checkpoint": model.name, "weights": weights_checksum(model.unet), "kind": model.kind, "seed": seed,
            "sigmas": [float(s) for s in levels], "precision": model.unet.precision, "batch": batch, "num": num,

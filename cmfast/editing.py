@@ -1,4 +1,4 @@
-"""Zero-shot editing with a consistency model (paper Algorithm 4, SPEC.md section 5).
+"""Zero-shot editing with a consistency model (paper Algorithm 4, docs/model.md section 5).
 
 An edit is an orthogonal map A with a mask of the coordinates of A y that are KNOWN: each step denoises,
 then puts the known coordinates of the reference image y back,
@@ -16,7 +16,7 @@ import math
 import torch
 
 from .consistency import Denoiser
-from .sampling import NoiseSource, _check, _levels, check_sigma, sample
+from .sampling import NoiseSource, check_denoiser, check_sigma, noise_levels, sample
 
 LUMINANCE = (0.2989, 0.5870, 0.1140)
 
@@ -104,18 +104,20 @@ class PatchMeans(Transform):
 def edit(denoiser: Denoiser, image: torch.Tensor, transform: Transform, sigmas, *, y=None, noise=None,
          generator=None, callback=None) -> torch.Tensor:
     """Algorithm 4: consistency steps that keep the known coordinates of `image` under `transform`."""
-    _check(denoiser, image, "consistency")
-    levels = _levels(sigmas)
+    check_denoiser(denoiser, image, "consistency")
+    levels = noise_levels(sigmas)
     source = NoiseSource(image, noise, generator, needed=len(levels))
-    x = transform.erase(image) + levels[0] * source.next()
-    for i, sigma in enumerate(levels):
-        x0 = transform.merge(image, denoiser(x, sigma, y, clamp=True))  # denoise, then restore what is known
+
+    def denoise(i, x):  # denoise, then restore what is known
+        x0 = transform.merge(image, denoiser(x, levels[i], y, clamp=True))
         if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "denoised": x0})
-        if i + 1 == len(levels):
-            return x0
-        x = x0 + math.sqrt(levels[i + 1] ** 2 - denoiser.sigma_min**2) * source.next()
-    raise AssertionError("unreachable")
+            callback({"i": i, "sigma": levels[i], "x": x, "denoised": x0})
+        return x0
+
+    x0 = denoise(0, transform.erase(image) + levels[0] * source.next())
+    for i in range(1, len(levels)):
+        x0 = denoise(i, x0 + math.sqrt(levels[i] ** 2 - denoiser.sigma_min**2) * source.next())
+    return x0
 
 
 def _check_image(name, image, channels=None, *, in_range=True):
@@ -165,7 +167,7 @@ def super_resolve(denoiser, low_res, sigmas, factor: int = 8, **kw) -> torch.Ten
 def stroke_guided(denoiser, strokes, sigmas, *, y=None, noise=None, generator=None, callback=None) -> torch.Tensor:
     """SDEdit-like generation from a stroke painting: noise it to sigmas[0] (below sigma_max), then sample."""
     _check_image("strokes", strokes)
-    levels = _levels(sigmas)
+    levels = noise_levels(sigmas)
     source = NoiseSource(strokes, noise, generator, needed=len(levels))
     x = strokes + levels[0] * source.next()
     rest = None if noise is None else list(noise)[1:]

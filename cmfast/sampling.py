@@ -1,4 +1,4 @@
-"""The paper's samplers, each reading like its algorithm (SPEC.md section 4).
+"""The paper's samplers, each reading like its algorithm (docs/model.md section 4).
 
 All share one signature: sample*(denoiser, x, sigmas, *, y=None, noise=None, generator=None, clip=True,
 callback=None). `x` is the starting point at noise level sigmas[0] (e.g. sigma_max * z); `sigmas` are the levels
@@ -74,7 +74,7 @@ class NoiseSource:
 SIGMA_MAX = 80.0  # the largest noise level the released models (and cmfast's own) were trained at
 
 
-def _levels(sigmas, name="sigmas", sigma_max: float = SIGMA_MAX) -> list[float]:
+def noise_levels(sigmas, name="sigmas", sigma_max: float = SIGMA_MAX) -> list[float]:
     """Noise levels as floats: a list, tuple, 1-D tensor or array of positive, finite, strictly decreasing
     numbers, none above sigma_max."""
     if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__") or getattr(sigmas, "ndim", 1) != 1:
@@ -107,7 +107,7 @@ def check_sigma(name: str, sigma, denoiser) -> None:
         raise ValueError(f"{name}: expected a noise level in [{denoiser.sigma_min}, {SIGMA_MAX}], got {bad[0]}")
 
 
-def _check(denoiser, x, kind):
+def check_denoiser(denoiser, x, kind):
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser: expected a cmfast.Denoiser, got {type(denoiser).__name__}")
     if denoiser.kind != kind:
@@ -123,20 +123,23 @@ def sample(denoiser: Denoiser, x: torch.Tensor, sigmas, *, y=None, noise=None, g
     """Multistep consistency sampling (paper Algorithm 1); one step when `sigmas` has one entry.
 
     `noise` holds len(sigmas) - 1 tensors, the z of each re-noising step."""
-    _check(denoiser, x, "consistency")
-    levels = _levels(sigmas)
+    check_denoiser(denoiser, x, "consistency")
+    levels = noise_levels(sigmas)
     if levels[-1] < denoiser.sigma_min:
         raise ValueError(f"sigmas: levels must be >= sigma_min = {denoiser.sigma_min}, got {levels[-1]}")
     source = NoiseSource(x, noise, generator, needed=len(levels) - 1)
-    for i, sigma in enumerate(levels):
-        x0 = denoiser(x, sigma, y, clamp=clip)  # jump to the trajectory's origin
+
+    def denoise(i, x):  # jump to the trajectory's origin
+        x0 = denoiser(x, levels[i], y, clamp=clip)
         if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "denoised": x0})
-        if i + 1 == len(levels):
-            return x0
-        sigma_next = levels[i + 1]
-        x = x0 + math.sqrt(sigma_next**2 - denoiser.sigma_min**2) * source.next()  # re-noise to sigma_next
-    raise AssertionError("unreachable")
+            callback({"i": i, "sigma": levels[i], "x": x, "denoised": x0})
+        return x0
+
+    x0 = denoise(0, x)
+    for i in range(1, len(levels)):
+        x = x0 + math.sqrt(levels[i] ** 2 - denoiser.sigma_min**2) * source.next()  # re-noise to the next level
+        x0 = denoise(i, x)
+    return x0
 
 
 @torch.no_grad()
@@ -147,8 +150,8 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas, *, y=None, noise=No
     `sigmas` are the grid levels; the solver ends with an Euler step to sigma = 0, so len(sigmas) levels cost
     2 len(sigmas) - 1 network calls. Deterministic: `noise` and `generator` are accepted for the shared
     signature and unused."""
-    _check(denoiser, x, "edm")
-    levels = _levels(sigmas) + [0.0]
+    check_denoiser(denoiser, x, "edm")
+    levels = noise_levels(sigmas) + [0.0]
     for i, (sigma, sigma_next) in enumerate(zip(levels, levels[1:])):
         denoised = denoiser(x, sigma, y, clamp=clip)
         if callback is not None:

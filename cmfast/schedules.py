@@ -1,4 +1,4 @@
-"""Noise-level schedules (SPEC.md section 4): the Karras grid, the reference's index form, and the two-step
+"""Noise-level schedules (docs/model.md section 4): the Karras grid, the reference's index form, and the two-step
 schedules the paper's authors tuned for each released checkpoint."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
-# checkpoint -> (grid points, indices): the tuned two-step schedules (SPEC.md section 2).
+# checkpoint -> (grid points, indices): the tuned two-step schedules (docs/model.md section 2).
 TWO_STEP = {
     "cd_imagenet64_l2": (40, (0, 22, 39)),
     "cd_imagenet64_lpips": (40, (0, 22, 39)),

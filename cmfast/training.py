@@ -1,4 +1,4 @@
-"""Consistency training (CT) and distillation (CD), paper Algorithms 3 and 2 (SPEC.md section 6), the EDM loss
+"""Consistency training (CT) and distillation (CD), paper Algorithms 3 and 2 (docs/model.md section 6), the EDM loss
 for teachers, and the improved-CT options of Song & Dhariwal (2023): pseudo-Huber distance, lognormal choice of
 the noise index, the doubling N schedule, and no target EMA (the target is the online network, gradient stopped).
 

@@ -1,4 +1,4 @@
-// The consistency-model preconditioning (SPEC.md section 3), shared by the CPU and CUDA kernels so the
+// The consistency-model preconditioning (docs/model.md section 3), shared by the CPU and CUDA kernels so the
 // formulas exist once in C++. Plain host/device arithmetic in fp32; no torch, no CUDA runtime.
 #pragma once
 #include <math.h>

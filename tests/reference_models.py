@@ -1,4 +1,4 @@
-"""Reference models for the tests: diffusers' UNet2DModel (the stand-in for openai's UNetModel, SPEC.md
+"""Reference models for the tests: diffusers' UNet2DModel (the stand-in for openai's UNetModel, docs/model.md
 section 1) built with the configs diffusers uses for the consistency checkpoints, with EVERY parameter
 randomised (the reference zero-initialises some layers, which would hide errors there)."""
 

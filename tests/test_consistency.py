@@ -1,4 +1,4 @@
-"""The consistency op: the reference against the formulas of SPEC.md section 3, every backend against the
+"""The consistency op: the reference against the formulas of docs/model.md section 3, every backend against the
 reference, layouts, torch.compile, and bad input."""
 
 import math

@@ -1,5 +1,5 @@
 """Samplers and schedules: against diffusers' ConsistencyModelPipeline step for step, the schedule table of
-SPEC.md, Heun against the exact ODE solution of a Gaussian, reproducibility, and bad input."""
+docs/model.md, Heun against the exact ODE solution of a Gaussian, reproducibility, and bad input."""
 
 import math
 
@@ -14,18 +14,18 @@ from cmfast import schedules
 
 # ---- schedules -------------------------------------------------------------------------------------------------
 
-SPEC_TABLE = {  # checkpoint -> middle sigma of its tuned two-step schedule (SPEC.md section 2)
+TUNED_MIDDLE_SIGMA = {  # checkpoint -> middle sigma of its tuned two-step schedule (docs/model.md section 2)
     "cd_imagenet64_l2": 1.3824, "ct_imagenet64": 1.9128, "cd_bedroom256_lpips": 4.3656,
     "cd_bedroom256_l2": 3.5197, "ct_bedroom256": 3.9912, "ct_cat256": 5.2485,
 }
 
 
-@pytest.mark.parametrize("checkpoint", SPEC_TABLE)
+@pytest.mark.parametrize("checkpoint", TUNED_MIDDLE_SIGMA)
 def test_tuned_two_step_schedules(checkpoint):
     sigmas = schedules.two_step_sigmas(checkpoint)
     assert sigmas.shape == (2,)
     assert sigmas[0].item() == pytest.approx(80.0, rel=1e-12)
-    assert sigmas[1].item() == pytest.approx(SPEC_TABLE[checkpoint], abs=1e-4)
+    assert sigmas[1].item() == pytest.approx(TUNED_MIDDLE_SIGMA[checkpoint], abs=1e-4)
 
 
 def test_karras_grid_end_points_and_formula():

@@ -1,5 +1,5 @@
 """U-Net configurations: the ADM constructor's arguments, named presets for the released checkpoints
-(SPEC.md section 2) and small test configs, and inference of a config from a state dict's shapes."""
+(docs/model.md section 2) and small test configs, and inference of a config from a state dict's shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State-dict names: openai's UNetModel <-> diffusers' UNet2DModel (SPEC.md section 1b), both directions,
+"""State-dict names: openai's UNetModel <-> diffusers' UNet2DModel (docs/model.md section 1b), both directions,
 and the UNetConfig <-> diffusers config.json translation."""
 
 from __future__ import annotations

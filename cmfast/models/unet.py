@@ -1,4 +1,4 @@
-"""The ADM U-Net of the consistency-model checkpoints (SPEC.md section 1), with the reference's module names,
+"""The ADM U-Net of the consistency-model checkpoints (docs/model.md section 1), with the reference's module names,
 so openai state dicts load as they are, and with every GroupNorm and attention going through cmfast ops.
 
 Precision modes (`UNet.set_precision`): "fp32"; "fp16", the reference's fp16 mode: the convolutions of the

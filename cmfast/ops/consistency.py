@@ -1,4 +1,4 @@
-"""The `consistency` op: the consistency model's preconditioning around the raw network (SPEC.md section 3).
+"""The `consistency` op: the consistency model's preconditioning around the raw network (docs/model.md section 3).
 
   prologue:  x_in = c_in(sigma) * x,  t_in = 250 * ln(sigma)          (what the U-Net is called with)
   epilogue:  out  = c_skip(sigma) * x + c_out(sigma) * model_output   (optionally clamped to [-1, 1])
