@@ -10,13 +10,13 @@
 #   make wheel-smoke build a wheel, install it into a fresh venv, run a smoke test
 #   make gpu-job-check run benchmarks/gpu_job.sh here as a dry run and check what it would return from a GPU machine
 #   make ci          all of the above (what .ci/run does)
-#   make gpu-prebuild cmfast._C for the lent GPU machines' image (Python 3.12, torch 2.11.0+cu130, sm_90a) into
+#   make gpu-prebuild cmfast._C for the GPU job's image (Python 3.12, torch 2.11.0+cu130, sm_90a) into
 #                    .gpu-build/, which benchmarks/gpu_job.sh loads there instead of building (not part of ci)
 PYTHON ?= python3
 CACHE ?= $(HOME)/.cache/cmfast
 VENV ?= $(CACHE)/venv-cpu
 TORCH ?= torch==2.13.0
-# The torch of the lent GPU machines' image (2.11.0+cu130): the link check compiles the extension as it will be
+# The torch of the GPU job's image (2.11.0+cu130): the link check compiles the extension as it will be
 # compiled there (C++17 up to torch 2.11; the CPU build here uses torch 2.13's C++20).
 CUDA_TORCH ?= torch==2.11.0
 CUDA_VENV ?= $(CACHE)/venv-cuda-2.11
@@ -47,7 +47,7 @@ test: build
 run: build
 	$(VENV)/bin/cmfast info
 	$(if $(wildcard cmfast/data/digits.safetensors),$(VENV)/bin/cmfast demo --out out/demo --force)
-	$(VENV)/bin/cmfast bench --quick --out out/bench
+	$(PY) -m benchmarks --quick --out out/bench
 
 cuda-check: $(VENV)/.installed
 	$(PY) tools/ptxas_report.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU job in one lent-machine call of under 10 minutes (an H100 or H200 of the device tool):
+# The whole GPU job in one call of under 10 minutes on a GPU machine (an H100 or H200 of the device tool):
 #   prepare the environment (the machine's own python3 with torch/triton/pytest/matplotlib; diffusers and
 #   importlib_metadata from carried wheels), load the prebuilt cmfast._C or build it with its CUDA part in place,
 #   record `cmfast info`, nvidia-smi -q and pip list; then, in order of worth: the GPU tests (pytest -m gpu, in
@@ -151,7 +151,7 @@ fi
 step info 60 "$PY" -m cmfast info
 cp "$WORK/logs/info.log" "$WORK/cmfast-info.txt"
 
-# 3. in order of worth, each step time-boxed: the GPU tests (what a lent GPU is for; in parallel processes when
+# 3. in order of worth, each step time-boxed: the GPU tests (what the GPU is for; in parallel processes when
 #    pytest-xdist is there: Triton compiles each kernel variant once per process), the kernels at batch 1 and 64
 #    (issue 5's targets) in both half types and group_norm's cluster A/B, the U-Net and samplers in both at every
 #    batch, then the compiled U-Net/pipeline peers (minutes of cold compile) at one batch.
@@ -163,25 +163,25 @@ PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n "${CMFAST_JOB_TEST_WORKERS:-8}")
 read -r -a TESTS <<< "${CMFAST_JOB_TESTS:-tests}"
 step test-gpu 180 env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${PARALLEL[@]}" -m gpu "${TESTS[@]}"
-# the CPU attention kernels (AVX-512 intrinsics) on this machine's CPU, another model than the dev machine's
+# the CPU attention kernels (AVX-512 intrinsics) on the GPU machine's CPU, often another model than the development machine's
 step test-cpu-attention 30 "${PYTEST[@]}" tests/test_attention.py -k "cpu_kernel or cpu_op"
 step host-overhead 45 "$PY" -m benchmarks.host_overhead --device "$DEVICE"  # batch-1 calls: host issue time, profile
 read -r -a KERNELS <<< "${CMFAST_JOB_KERNELS:-group_norm attention consistency}"
-step bench-kernels 120 "$PY" -m cmfast bench "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
+step bench-kernels 120 "$PY" -m benchmarks "${KERNELS[@]}" --device "$DEVICE" --dtypes "$DTYPES" \
   --batches "$KERNEL_BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
 # group_norm at batch 1 again with the sm_90 cluster kernel off (the two-stage kernels instead): their A/B, in
 # <device>-<date>-cluster-off.csv
-step bench-no-cluster 40 env CMFAST_GROUP_NORM_CLUSTER=0 "$PY" -m cmfast bench group_norm --device "$DEVICE" \
+step bench-no-cluster 40 env CMFAST_GROUP_NORM_CLUSTER=0 "$PY" -m benchmarks group_norm --device "$DEVICE" \
   --dtypes "${DTYPES%%,*}" --batches 1 --no-compile --out "$WORK/no-cluster" "${BENCH_ARGS[@]}"
 for csv in "$WORK"/no-cluster/*.csv; do
   [[ -f $csv ]] && cp "$csv" "$WORK/results/$(basename "$csv" .csv)-cluster-off.csv"
 done
 if [[ $BATCHES != 0 ]]; then
-  step bench-models 150 "$PY" -m cmfast bench sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" \
+  step bench-models 150 "$PY" -m benchmarks sampling --models "${CMFAST_JOB_MODELS:-imagenet64}" \
     --device "$DEVICE" --dtypes "$DTYPES" --batches "$BATCHES" --out "$WORK/results" "${BENCH_ARGS[@]}"
 fi
 if [[ $COMPILE_BATCH != 0 ]]; then
-  step bench-compile 240 "$PY" -m cmfast bench sampling --compile --models imagenet64 --device "$DEVICE" \
+  step bench-compile 240 "$PY" -m benchmarks sampling --compile --models imagenet64 --device "$DEVICE" \
     --dtypes "${DTYPES%%,*}" --batches "$COMPILE_BATCH" --out "$WORK/results" "${BENCH_ARGS[@]}"
 fi
 

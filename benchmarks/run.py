@@ -1,4 +1,4 @@
-"""The benchmark runner: `cmfast bench [NAMES...]` or `python -m benchmarks [NAMES...]`.
+"""The benchmark runner: `python -m benchmarks [NAMES...]`, from a checkout (the installed package has no benchmarks).
 
 Runs the chosen benchmarks in one process on one device, every provider side by side on the same inputs and
 weights, measures the machine's ceilings at the start and the end, and writes

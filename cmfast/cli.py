@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_edit(sub)
     _add_training(sub)
-    _add_bench(sub)
     _add_tune(sub)
     return parser
 
@@ -225,47 +224,6 @@ def _add_training(sub) -> None:
     p.add_argument("--ts", default=None, help=argparse.SUPPRESS)
     p.add_argument("--grid", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_run("run_demo"))
-
-
-def _bench_runner():
-    """benchmarks/run.py of the source tree this cmfast runs from (benchmarks/ is not installed), or None."""
-    import importlib
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "run.py").is_file():
-        return None
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.run")
-
-
-def _add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmark the ops, the U-Net and sampling against torch, torch.compile and diffusers",
-        description="Run the benchmarks (default: all) with every provider side by side on the same inputs and "
-        "weights, measure the machine's copy bandwidth and matmul FLOP/s in the same run, write "
-        "OUT/<device>-<date>.csv and a PNG per benchmark, and print a summary. Needs the source tree "
-        "(benchmarks/) and, for the diffusers peers, diffusers.",
-    )
-    runner = _bench_runner()
-    if runner is not None:
-        runner.add_arguments(p)
-    p.set_defaults(func=_bench)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    runner = _bench_runner()
-    if runner is None:
-        print("cmfast bench: needs the source tree's benchmarks/ folder (run it from a checkout)", file=sys.stderr)
-        return 2
-    try:
-        session = runner.run(args)
-    except KeyboardInterrupt:
-        print("cmfast bench: stopped", file=sys.stderr)
-        return 130
-    return 1 if session.failures else 0
 
 
 def _run(name: str):

@@ -98,11 +98,25 @@ def test_bad_device_is_refused(tmp_path, device, message):
     assert not any(tmp_path.iterdir())
 
 
-def test_the_cli_has_a_bench_command():
-    from cmfast.cli import build_parser
-
-    args = build_parser().parse_args(["bench", "group_norm", "--quick", "--device", "cpu", "--dtypes", "float32"])
+def test_the_runner_parses_its_command_line():
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    args = parser.parse_args(["group_norm", "--quick", "--device", "cpu", "--dtypes", "float32"])
     assert args.names == ["group_norm"] and args.quick and args.dtypes == ["float32"]
+
+
+def test_the_package_does_not_reach_outside_itself():
+    """cmfast imports nothing from the source tree around it (benchmarks/, tools/, tests/)."""
+    import ast
+
+    package = Path(cmfast.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "sys.path" not in text, path
+        for node in ast.walk(ast.parse(text)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] in ("benchmarks", "tools", "tests") for n in names), (path, names)
 
 
 # ---- the peers compute what the cmfast op computes --------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs benchmarks/gpu_job.sh on this CPU with its dry-run knobs (float32, quick shapes, the kernels at batch 1, no
-# U-Net or compiled peers) and checks what a lent GPU machine would send back, so that a broken job script is found
+# U-Net or compiled peers) and checks what a GPU machine would send back, so that a broken job script is found
 # here and not in a lease: each step ran and passed, except the two that need CUDA (the CUDA build, which must
 # refuse cleanly, and the GPU tests, of which none may fail); the files are the CSVs (the cluster-off one among
 # them), summary.md, steps.tsv, job.log and gpu-job.tar.gz, 8 at most, as the device tool returns no more.
