@@ -23,6 +23,7 @@ import os
 import torch
 
 from . import tuning
+from .triton import interpreted as triton_interpreter
 from ._extension import status as extension
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
@@ -104,10 +105,6 @@ def triton_status() -> tuple[bool, str]:
     except Exception as e:  # a broken install must not break cmfast
         return False, f"triton failed to import ({e})"
     return True, ""
-
-
-def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def availability(backend: str, device: torch.device) -> tuple[bool, str]:

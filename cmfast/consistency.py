@@ -9,8 +9,7 @@ import torch
 from . import ops
 from .cuda_graphs import GraphCache
 from .ops._common import per_sample
-
-KINDS = ("consistency", "edm")
+from .ops.consistency import KINDS
 
 
 class Denoiser:

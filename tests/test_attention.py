@@ -38,8 +38,8 @@ def make(shape, dtype, device, gen, channels_last=False):
 
 
 def reference(qkv, heads):
-    out = torch.full(A.output_like(qkv).shape, float("nan"), dtype=qkv.dtype, device=qkv.device)
-    A.reference_attention(qkv, heads, out)
+    out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=qkv.dtype, device=qkv.device)
+    A.attention_reference_out(qkv, heads, out)
     return out
 
 
@@ -55,7 +55,7 @@ def test_reference_is_the_textbook_formula(gen):
     weights = torch.softmax(torch.einsum("bhdt,bhds->bhts", q, k) / math.sqrt(d), dim=-1)
     want = torch.einsum("bhts,bhds->bhdt", weights, v).reshape(b, heads * d, 3, 4)
     out = torch.empty(b, 128, 3, 4, dtype=torch.float64)
-    A.reference_attention(qkv, heads, out)
+    A.attention_reference_out(qkv, heads, out)
     assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
 
 
@@ -65,10 +65,10 @@ def test_reference_is_the_textbook_formula(gen):
 def test_kernels_match_reference(device, backend, dtype, layout, gen):
     for shape in shapes_for(device, backend):
         qkv, heads = make(shape, dtype, device, gen, layout == "channels_last")
-        out = torch.full(A.output_like(qkv).shape, float("nan"), dtype=dtype, device=device)
+        out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=dtype, device=device)
         if layout == "channels_last":
             out = out.to(memory_format=torch.channels_last)
-        A._impl(backend)(qkv, heads, out)
+        A.kernel(backend)(qkv, heads, out)
         assert not out.isnan().any(), f"unwritten output at {shape}"
         close(out, reference(qkv, heads), dtype)
 
@@ -154,7 +154,7 @@ def test_cpu_kernels_match_reference(kernel, dtype, layout, gen):
         if kernel == "bf16" and (c // heads) % 2:
             continue
         qkv, heads = make(shape, dtype, "cpu", gen, channels_last=layout == "channels_last")
-        out = torch.full(A.output_like(qkv).shape, float("nan"), dtype=dtype)
+        out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=dtype)
         if layout == "channels_last":
             out = out.to(memory_format=torch.channels_last)
         if layout == "misaligned":
@@ -172,9 +172,9 @@ def test_cpu_op_picks_its_kernel(gen):
     qkv, heads = make((1, 128, 8, 8, 2), torch.bfloat16, "cpu", gen)
     by_kernel = {}
     for kernel in compiled.attention_cpu_kernels():
-        by_kernel[kernel] = A.output_like(qkv)
+        by_kernel[kernel] = A.attention_output(qkv)
         compiled.attention_cpu(qkv, heads, by_kernel[kernel], kernel)
-    out = A.output_like(qkv)
+    out = A.attention_output(qkv)
     torch.ops.cmfast_C.attention(qkv, heads, out)
     picked = "bf16" if "bf16" in by_kernel else "f32"
     assert torch.equal(out, by_kernel[picked])
@@ -198,7 +198,7 @@ def test_cpu_op_picks_its_kernel(gen):
 def test_cpu_kernel_rejects(call, message, gen):
     compiled = cpu_kernel_runs("f32")
     qkv, _ = make((1, 64, 4, 4, 2), torch.float32, "cpu", gen)
-    out = torch.full(A.output_like(qkv).shape, float("nan"))
+    out = torch.full(A.attention_output(qkv).shape, float("nan"))
     with pytest.raises(RuntimeError, match=message):
         call(compiled, qkv, out)
     assert out.isnan().all()  # nothing written

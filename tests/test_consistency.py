@@ -83,8 +83,8 @@ def poisoned_like(x):
 def reference_outputs(x, f, sigma, kind, clamp):
     shift = SIGMA_MIN if kind == "consistency" else 0.0
     out, x_in, t_in = poisoned_like(x), poisoned_like(x), torch.full(sigma.shape, float("nan"), device=x.device)
-    C.reference_epilogue(x, f, sigma, SIGMA_DATA, shift, clamp, out)
-    C.reference_prologue(x, sigma, SIGMA_DATA, x_in, t_in)
+    C.epilogue_reference_out(x, f, sigma, SIGMA_DATA, shift, clamp, out)
+    C.prologue_reference_out(x, sigma, SIGMA_DATA, x_in, t_in)
     return out, x_in, t_in
 
 
@@ -98,11 +98,11 @@ def test_kernels_match_reference(device, backend, dtype, shape, gen):
         for clamp in (False, True):
             shift = SIGMA_MIN if kind == "consistency" else 0.0
             out = poisoned_like(x)
-            C._epilogue_impl(backend)(x, f, sigma, SIGMA_DATA, shift, clamp, out)
+            C.epilogue_kernel(backend)(x, f, sigma, SIGMA_DATA, shift, clamp, out)
             want, _, _ = reference_outputs(x, f, sigma, kind, clamp)
             assert_matches(out, want)
     x_in, t_in = poisoned_like(x), torch.full(sigma.shape, float("nan"), device=device)
-    C._prologue_impl(backend)(x, sigma, SIGMA_DATA, x_in, t_in)
+    C.prologue_kernel(backend)(x, sigma, SIGMA_DATA, x_in, t_in)
     _, want_x, want_t = reference_outputs(x, f, sigma, "consistency", False)
     assert_matches(x_in, want_x)
     assert_matches(t_in, want_t)

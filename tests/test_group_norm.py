@@ -52,7 +52,7 @@ def make(shape, dtype, device, gen, channels_last=False, affine=True, modulated=
 
 def reference(x, args, silu):
     out = torch.full_like(x, float("nan"))
-    G.reference_group_norm(x, args["weight"], args["bias"], args["scale"], args["shift"], 32, 1e-5, silu, out)
+    G.group_norm_reference_out(x, args["weight"], args["bias"], args["scale"], args["shift"], 32, 1e-5, silu, out)
     return out
 
 
@@ -74,7 +74,7 @@ def test_kernels_match_reference(device, backend, dtype, layout, gen):
             x, args = make(shape, dtype, device, gen, layout == "channels_last", affine, modulated)
             out = torch.full_like(x, float("nan"))  # poisoned: unwritten elements fail
             f32 = {k: None if v is None else v.float().contiguous() for k, v in args.items()}
-            G._impl(backend)(x, f32["weight"], f32["bias"], f32["scale"], f32["shift"], 32, 1e-5, silu, out)
+            G.kernel(backend)(x, f32["weight"], f32["bias"], f32["scale"], f32["shift"], 32, 1e-5, silu, out)
             assert_matches(out, reference(x, args, silu), ulps=2, rtol=1e-5)
 
 
@@ -148,7 +148,7 @@ def check_misaligned(shape, dtype, device, backend, offset, layout, gen):
 
     x_odd, out = placed(x), placed(torch.full_like(x, float("nan")))
     assert x_odd.data_ptr() % 16 != 0 and out.data_ptr() % 16 != 0
-    G._impl(backend)(x_odd, *args.values(), 32, 1e-5, True, out)
+    G.kernel(backend)(x_odd, *args.values(), 32, 1e-5, True, out)
     assert_matches(out.contiguous(), reference(x, args, True), ulps=2, rtol=1e-5)
 
 
@@ -166,7 +166,7 @@ def test_over_two_to_the_31_elements(backend):
     args = {"weight": torch.rand(256, device="cuda") + 0.5, "bias": torch.randn(256, device="cuda"),
             "scale": torch.randn(514, 256, device="cuda"), "shift": torch.randn(514, 256, device="cuda")}
     out = torch.full_like(x, float("nan"))
-    G._impl(backend)(x, *args.values(), 32, 1e-5, True, out)
+    G.kernel(backend)(x, *args.values(), 32, 1e-5, True, out)
     last = slice(-2, None)  # samples 512 and 513: from element 2^31 on
     tail = {k: v if k in ("weight", "bias") else v[last] for k, v in args.items()}
     assert_matches(out[last], reference(x[last], tail, True), ulps=2, rtol=1e-5)

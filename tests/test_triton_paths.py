@@ -41,7 +41,7 @@ def test_group_norm_looped_and_split(device, dtype, rtol, layout, path, sms, gen
     monkeypatch.setattr(TG, "BLOCK", 64)
     monkeypatch.setattr(TG, "MIN_SPLIT_ELEMENTS", 32)
     monkeypatch.setattr(TG, "SM_COUNT_INTERPRETED", sms)
-    monkeypatch.setattr(TG, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(TG, "sm_count", lambda device: sms)
     for shape in [(1, 8, 8, 8), (1, 20, 9, 11), (2, 24, 4, 4)]:
         out, truth = group_norm_case(shape, 4, dtype, device, gen, layout == "channels_last")
         assert not out.isnan().any(), f"unwritten output at {shape}"
@@ -66,10 +66,10 @@ def test_attention_tiles_and_head_dims(device, blocks, shape, gen, monkeypatch):
     monkeypatch.setattr(TA, "INTERPRETED_BLOCKS", blocks)
     b, c, h, w, heads = shape
     qkv = torch.randn(b, 3 * c, h, w, generator=gen).to(memory_format=torch.channels_last)
-    out = torch.full(A.output_like(qkv).shape, float("nan"), device=device).to(memory_format=torch.channels_last)
+    out = torch.full(A.attention_output(qkv).shape, float("nan"), device=device).to(memory_format=torch.channels_last)
     TA.attention(qkv.to(device), heads, out)
     truth = torch.empty(out.shape, dtype=torch.float64)
-    A.reference_attention(qkv.double(), heads, truth)
+    A.attention_reference_out(qkv.double(), heads, truth)
     assert not out.isnan().any()
     err = float((out.cpu().double() - truth).abs().max() / truth.abs().max())
     assert err <= 1e-5, f"relative error {err:.3g}"

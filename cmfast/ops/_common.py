@@ -3,6 +3,9 @@ of the kernels (dense, batch outermost), and backend dispatch."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import struct
 
 import torch
@@ -76,7 +79,28 @@ def is_flat(t: torch.Tensor) -> bool:
     return t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) * t.shape[0] == t.numel()
 
 
-def output_like(x: torch.Tensor) -> torch.Tensor:
+@functools.cache  # once per (kernel, backend): an import statement and torch.ops lookups per call add up
+def kernel_of(name: str, backend: str, module: str, python: tuple = ()):
+    """The out= form of kernel `name` on `backend`: the compiled op torch.ops.cmfast_C.<name> for "cpu" and "cuda"
+    (the dispatcher picks by device), cmfast.triton.<module>.<name> for "triton", and for "reference" / "torch" the
+    Python function given in `python` as (backend, function) pairs."""
+    for candidate, function in python:
+        if candidate == backend:
+            return function
+    if backend == "triton":
+        return getattr(importlib.import_module(f"cmfast.triton.{module}"), name)
+    op = getattr(torch.ops.cmfast_C, name)
+    return getattr(op, "default", op)
+
+
+def dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels take it: contiguous, or channels_last when it already is (4-d)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def elementwise_output(x: torch.Tensor) -> torch.Tensor:
     """The output buffer of an elementwise op: x's layout when the kernels can use it, else contiguous."""
     if is_flat(x):
         return torch.empty_like(x)

@@ -11,14 +11,13 @@ makes them so); read them through their strides (batch, channel, token), never t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from .. import backends
 from .._extension import compiled
-from ._common import check_tensor, direct, needs_grad
+from ._common import check_tensor, dense_layout, direct, kernel_of, needs_grad
 
 IMPLEMENTED = backends.implemented("attention", "attention", python=("torch", "reference"))
 
@@ -31,7 +30,7 @@ def heads_view(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return tokens.view(batch, 3, num_heads, head_dim, tokens.shape[-1]).permute(1, 0, 2, 4, 3)
 
 
-def output_like(qkv: torch.Tensor) -> torch.Tensor:
+def attention_output(qkv: torch.Tensor) -> torch.Tensor:
     """The (B, C, *spatial) output buffer, channels_last when qkv is."""
     batch, three_c, *spatial = qkv.shape
     shape = (batch, three_c // 3, *spatial)
@@ -55,7 +54,7 @@ def attention_reference(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return (weights @ v).transpose(2, 3).reshape(batch, three_c // 3, *spatial).to(qkv.dtype)
 
 
-def reference_attention(qkv, num_heads, out):
+def attention_reference_out(qkv, num_heads, out):
     out.copy_(attention_reference(qkv, num_heads))
 
 
@@ -123,31 +122,18 @@ def torch_attention(qkv, num_heads, out):
     out_heads_view(out, num_heads).copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
-def _impl(backend: str):
-    if backend == "reference":
-        return reference_attention
-    if backend == "torch":
-        return torch_attention
-    if backend == "triton":
-        from ..triton.attention import attention as triton_attention
-
-        return triton_attention
-    return torch.ops.cmfast_C.attention
-
-
-def kernel_layout(qkv: torch.Tensor) -> torch.Tensor:
-    if qkv.dim() == 4 and qkv.is_contiguous(memory_format=torch.channels_last):
-        return qkv
-    return qkv.contiguous()
+def kernel(backend: str):
+    """The backend's kernel in its out= form: kernel(qkv, num_heads, out)."""
+    return kernel_of("attention", backend, "attention",
+                     (("reference", attention_reference_out), ("torch", torch_attention)))
 
 
 def _run(qkv, num_heads, tune=True) -> torch.Tensor:
-    qkv = kernel_layout(qkv)
-    out = output_like(qkv)
+    qkv = dense_layout(qkv)
+    out = attention_output(qkv)
 
     def call(backend):
-        _impl(backend)(qkv, num_heads, out)
+        kernel(backend)(qkv, num_heads, out)
         return out
 
     key = (qkv.dtype, qkv.is_contiguous(), tuple(qkv.shape), num_heads)
@@ -161,7 +147,7 @@ def _attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 @_attention_op.register_fake
 def _(qkv, num_heads):
-    return output_like(kernel_layout(qkv))
+    return attention_output(dense_layout(qkv))
 
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

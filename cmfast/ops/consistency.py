@@ -10,7 +10,6 @@ storage dtype; the output has x's dtype and (when dense, batch outermost) x's me
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -22,7 +21,8 @@ from ._common import (
     f32,
     laid_out_like,
     needs_grad,
-    output_like,
+    elementwise_output,
+    kernel_of,
     per_sample,
 )
 
@@ -64,11 +64,11 @@ def prologue_reference(x, sigma, sigma_data) -> tuple[torch.Tensor, torch.Tensor
     return (_per_sample_view(c_in, x) * x.float()).to(x.dtype), time_input(sigma)
 
 
-def reference_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, out):
+def epilogue_reference_out(x, model_output, sigma, sigma_data, sigma_min, clamp, out):
     out.copy_(epilogue_reference(x, model_output, sigma, sigma_data, sigma_min, clamp))
 
 
-def reference_prologue(x, sigma, sigma_data, out, t_in):
+def prologue_reference_out(x, sigma, sigma_data, out, t_in):
     x_in, t = prologue_reference(x, sigma, sigma_data)
     out.copy_(x_in)
     t_in.copy_(t)
@@ -77,39 +77,25 @@ def reference_prologue(x, sigma, sigma_data, out, t_in):
 # ---- backends: each fills `out` (and `t_in`) from flat, identically laid-out inputs --------------------------
 
 
-@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
-def _epilogue_impl(backend: str):
-    if backend == "reference":
-        return reference_epilogue
-    if backend == "triton":
-        from ..triton.consistency import consistency_epilogue
-
-        return consistency_epilogue
-    return torch.ops.cmfast_C.consistency_epilogue  # "cpu" and "cuda": the dispatcher picks the kernel
+def epilogue_kernel(backend: str):
+    return kernel_of("consistency_epilogue", backend, "consistency", (("reference", epilogue_reference_out),))
 
 
-@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
-def _prologue_impl(backend: str):
-    if backend == "reference":
-        return reference_prologue
-    if backend == "triton":
-        from ..triton.consistency import consistency_prologue
-
-        return consistency_prologue
-    return torch.ops.cmfast_C.consistency_prologue
+def prologue_kernel(backend: str):
+    return kernel_of("consistency_prologue", backend, "consistency", (("reference", prologue_reference_out),))
 
 
 # ---- the implementations, and the registered ops around them (torch.ops.cmfast.*: what torch.compile sees) -----------------------
 
 
 def _run_epilogue(x, model_output, sigma, sigma_data, sigma_min, clamp, tune=True) -> torch.Tensor:
-    out = output_like(x)
+    out = elementwise_output(x)
     x = laid_out_like(x, out)
     model_output = laid_out_like(model_output, out)
     sigma = sigma.to(torch.float32).contiguous()
 
     def call(backend):
-        _epilogue_impl(backend)(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
+        epilogue_kernel(backend)(x, model_output, sigma, sigma_data, sigma_min, clamp, out)
         return out
 
     return _dispatch("epilogue", x, call, tune)
@@ -129,17 +115,17 @@ def _epilogue_op(
 
 @_epilogue_op.register_fake
 def _(x, model_output, sigma, sigma_data, sigma_min, clamp):
-    return output_like(x)
+    return elementwise_output(x)
 
 
 def _run_prologue(x, sigma, sigma_data, tune=True) -> tuple[torch.Tensor, torch.Tensor]:
-    out = output_like(x)
+    out = elementwise_output(x)
     x = laid_out_like(x, out)
     sigma = sigma.to(torch.float32).contiguous()
     t_in = torch.empty(sigma.shape, dtype=torch.float32, device=x.device)
 
     def call(backend):
-        _prologue_impl(backend)(x, sigma, sigma_data, out, t_in)
+        prologue_kernel(backend)(x, sigma, sigma_data, out, t_in)
         return out, t_in
 
     return _dispatch("prologue", x, call, tune)
@@ -152,7 +138,7 @@ def _prologue_op(x: torch.Tensor, sigma: torch.Tensor, sigma_data: float) -> tup
 
 @_prologue_op.register_fake
 def _(x, sigma, sigma_data):
-    return output_like(x), x.new_empty(sigma.shape, dtype=torch.float32)
+    return elementwise_output(x), x.new_empty(sigma.shape, dtype=torch.float32)
 
 
 # ---- public functions: validation, then the op ---------------------------------------------------------------

@@ -13,13 +13,12 @@ fp32 parameters, kernel): at the U-Net's small shapes the Python around a kernel
 
 from __future__ import annotations
 
-import functools
 import torch
 import torch.nn.functional as F
 
 from .. import backends
 from .._extension import compiled
-from ._common import check_optional, check_tensor, direct, needs_grad
+from ._common import check_optional, check_tensor, dense_layout, direct, kernel_of, needs_grad
 
 IMPLEMENTED = backends.implemented("group_norm", "group_norm")
 
@@ -40,27 +39,13 @@ def group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu) -
     return (F.silu(y) if silu else y).to(x.dtype)
 
 
-def reference_group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
+def group_norm_reference_out(x, weight, bias, scale, shift, num_groups, eps, silu, out):
     out.copy_(group_norm_reference(x, weight, bias, scale, shift, num_groups, eps, silu))
 
 
-@functools.cache  # once per backend: an import statement and torch.ops lookups per call add up
-def _impl(backend: str):
+def kernel(backend: str):
     """The backend's kernel in its out= form: kernel(x, weight, bias, scale, shift, num_groups, eps, silu, out)."""
-    if backend == "reference":
-        return reference_group_norm
-    if backend == "triton":
-        from ..triton.group_norm import group_norm as triton_group_norm
-
-        return triton_group_norm
-    return torch.ops.cmfast_C.group_norm.default  # "cpu" and "cuda": the dispatcher picks the kernel
-
-
-def kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels take it: contiguous, or channels_last when it already is (4-d)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
+    return kernel_of("group_norm", backend, "group_norm", (("reference", group_norm_reference_out),))
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -73,9 +58,9 @@ def _run(x, weight, bias, scale, shift, num_groups, eps, silu, tune=True) -> tor
     def call(backend):
         if backend in ("cpu", "cuda"):  # all of the below in one C++ call (small shapes are overhead-bound)
             return compiled.group_norm(x, weight, bias, scale, shift, num_groups, eps, silu)
-        xk = kernel_layout(x)
+        xk = dense_layout(x)
         out = torch.empty_like(xk)
-        _impl(backend)(xk, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
+        kernel(backend)(xk, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu, out)
         return out
 
     key = (x.dtype, x.is_contiguous(), tuple(x.shape), num_groups, scale is not None, silu)
@@ -98,7 +83,7 @@ def _group_norm_op(
 
 @_group_norm_op.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, silu):
-    return torch.empty_like(kernel_layout(x))
+    return torch.empty_like(dense_layout(x))
 
 
 def group_norm(

@@ -11,15 +11,13 @@ the PV product, as flash attention does (fp32 inputs keep exact fp32 products: n
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreter
-from . import FP_FUSION, cdiv, next_power_of_2
+from . import FP_FUSION, cdiv, interpreted, next_power_of_2, sm_count
 
 # GPU tiles, free of register spills for sm_80 and sm_90a (`make triton-check`; run on an H100 with Triton 3.6).
 # fp16/bf16 on tensor cores, 8 warps (two warpgroups), K/V loads pipelined 3 deep (at most 80 KB of shared memory):
@@ -77,11 +75,6 @@ def _attention_kernel(qkv_ptr, out_ptr, T, heads, C, qk_scale, stride_qb, stride
     tl.store(out_ptr, out.to(out_ptr.dtype.element_ty), mask=(m < T)[:, None] & d_ok[None, :])
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _gpu_config(T: int, block_d: int, pairs: int, qkv: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); a short sequence shrinks the tiles to its length."""
     half = 1 if block_d <= 64 else 2
@@ -89,7 +82,7 @@ def _gpu_config(T: int, block_d: int, pairs: int, qkv: torch.Tensor) -> tuple[in
         block_m = block_n = BLOCK_FP32 // half
         warps, stages = 4, 2
     else:
-        large = cdiv(T, BLOCK_M_LARGE) * pairs >= _sm_count(qkv.device)
+        large = cdiv(T, BLOCK_M_LARGE) * pairs >= sm_count(qkv.device)
         block_m, block_n = BLOCK_M_LARGE if large else BLOCK_M_SMALL, BLOCK_N_HALF // half
         warps, stages = 8, 3
     short = max(16, next_power_of_2(T))
@@ -109,15 +102,15 @@ def attention(qkv, num_heads, out):
     T, pairs = tokens.shape[-1], batch * num_heads
     if pairs > 65535:
         raise ValueError(f"attention: batch * num_heads = {pairs} exceeds the grid's 65535")
-    interpreted = triton_interpreter()
-    if interpreted:
+    in_interpreter = interpreted()
+    if in_interpreter:
         (block_m, block_n), warps, stages = INTERPRETED_BLOCKS, 4, 1
     else:
         block_m, block_n, warps, stages = _gpu_config(T, block_d, pairs, qkv)
     _attention_kernel[(cdiv(T, block_m), pairs)](
         tokens, out_tokens, T, num_heads, channels, math.log2(math.e) / math.sqrt(head_dim),
         *tokens.stride(), *out_tokens.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreted,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=in_interpreter,
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
         enable_fp_fusion=FP_FUSION,
     )

@@ -17,14 +17,12 @@ formula.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreter
-from . import FP_FUSION, cdiv, next_power_of_2
+from . import FP_FUSION, cdiv, interpreted, next_power_of_2, sm_count
 
 BLOCK = 4096  # elements per tile: groups up to this size are normalised from registers, in one read
 ELEMENTS_PER_THREAD = 16  # num_warps = tile / (32 * this), 1 to 8: four 16-byte loads per thread in flight
@@ -193,11 +191,6 @@ def _num_warps(elements: int) -> int:
     return min(max(elements // (32 * ELEMENTS_PER_THREAD), 1), 8)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
     if x.numel() == 0:
         return
@@ -208,7 +201,7 @@ def group_norm(x, weight, bias, scale, shift, num_groups, eps, silu, out):
         raise ValueError(f"out: expected the layout of x (strides {x.stride()}), got strides {out.stride()}")
     channels_last = stride_c == 1 and S > 1
     pairs = batch * num_groups
-    sms = SM_COUNT_INTERPRETED if triton_interpreter() else _sm_count(x.device)
+    sms = SM_COUNT_INTERPRETED if interpreted() else sm_count(x.device)
     programs = PROGRAMS_PER_SM * sms
     strides = (channels * S, stride_c, stride_s)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_SCALE=scale is not None,
