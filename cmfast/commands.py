@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import editing, images, masks, outputs, pretrained, sampling, schedules
+from .devices import parse_device
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -25,19 +26,7 @@ def resolve_device(name: str | None) -> torch.device:
     """--device: a name torch knows whose device is here (cpu, cuda, cuda:1); None: cuda when there is one."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: there are {count} CUDA device(s), numbered from 0")
-    elif device.type != "cpu":
-        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
-    return device
+    return parse_device(name, "--device")
 
 
 def consistency_levels(args, model: pretrained.Model, default_steps: int) -> list[float]:

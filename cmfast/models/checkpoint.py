@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import parse_device
 from .config import UNetConfig, infer_config, preset
 from .keymap import config_from_diffusers, diffusers_config, diffusers_to_openai, openai_to_diffusers
 from .unet import PRECISIONS, UNet
@@ -200,7 +201,7 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     input shape on this machine (UNet.set_channels_last(None)); outputs are NCHW either way.
     """
     precision = _precision(dtype)
-    device = _device(device)
+    device = parse_device(device)
     if isinstance(source, str) and not Path(source).exists():  # a name: the built-in model's or a preset's
         from ..pretrained import locate
 
@@ -229,20 +230,6 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     model.set_precision(precision)
     model.set_channels_last(channels_last)
     return model.eval().requires_grad_(False)
-
-
-def _device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device (cpu, cuda, cuda:N), got {device!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device={str(device)!r}: no CUDA device here (torch {torch.__version__}); use 'cpu'")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device={str(device)!r}: there are {count} CUDA device(s), numbered from 0")
-    return device
 
 
 def check_values(state: dict) -> None:
