@@ -61,6 +61,21 @@ def backend_params(implemented) -> list:
     return params
 
 
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def with_shapes(params, shapes_for) -> list:
+    """(device, backend, shape) params: each of backend_params' rows crossed with shapes_for(device, backend), the
+    shape in the test id (a failure names its shape)."""
+    rows = []
+    for p in params:
+        device, backend = p.values
+        for shape in shapes_for(device, backend):
+            rows.append(pytest.param(device, backend, shape, marks=p.marks, id=f"{p.id}-{shape_id(shape)}"))
+    return rows
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the session seed and the test's id: fresh inputs per session, reproducible."""

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from checks import assert_matches
-from conftest import backend_params
+from conftest import backend_params, shape_id, with_shapes
 
 import cmfast
 from cmfast import ops
@@ -59,18 +59,17 @@ def test_reference_is_the_textbook_formula(gen):
     assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("device, backend", backend_params(A.IMPLEMENTED))
+@pytest.mark.parametrize("device, backend, shape", with_shapes(backend_params(A.IMPLEMENTED), shapes_for))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_kernels_match_reference(device, backend, dtype, layout, gen):
-    for shape in shapes_for(device, backend):
-        qkv, heads = make(shape, dtype, device, gen, layout == "channels_last")
-        out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=dtype, device=device)
-        if layout == "channels_last":
-            out = out.to(memory_format=torch.channels_last)
-        A.kernel(backend)(qkv, heads, out)
-        assert not out.isnan().any(), f"unwritten output at {shape}"
-        close(out, reference(qkv, heads), dtype)
+def test_kernels_match_reference(device, backend, shape, dtype, layout, gen):
+    qkv, heads = make(shape, dtype, device, gen, layout == "channels_last")
+    out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=dtype, device=device)
+    if layout == "channels_last":
+        out = out.to(memory_format=torch.channels_last)
+    A.kernel(backend)(qkv, heads, out)
+    assert not out.isnan().any(), "unwritten output"
+    close(out, reference(qkv, heads), dtype)
 
 
 @pytest.mark.parametrize("device, backend", backend_params(A.IMPLEMENTED))
@@ -108,15 +107,15 @@ def test_bad_input(call, message, gen):
 
 @pytest.mark.skipif(not cmfast.extension.cpu, reason=cmfast.extension.reason or "no cmfast._C")
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-def test_cpu_tile_transpose(dtype, gen):
+@pytest.mark.parametrize("shape", [(5, 33, 70), (1, 1, 1), (2, 64, 1024), (3, 1024, 32)], ids=shape_id)
+def test_cpu_tile_transpose(dtype, shape, gen):
     """cmfast._C.transpose_last2, which the CPU torch backend uses around SDPA in NCHW: tiles cut at odd sizes too."""
     from cmfast._extension import compiled
 
-    for shape in [(5, 33, 70), (1, 1, 1), (2, 64, 1024), (3, 1024, 32)]:
-        src = torch.randn(shape, generator=gen).to(dtype)
-        out = torch.full((shape[0], shape[2], shape[1]), float("nan"), dtype=dtype)
-        compiled.transpose_last2(src, out)
-        assert torch.equal(out, src.transpose(1, 2))
+    src = torch.randn(shape, generator=gen).to(dtype)
+    out = torch.full((shape[0], shape[2], shape[1]), float("nan"), dtype=dtype)
+    compiled.transpose_last2(src, out)
+    assert torch.equal(out, src.transpose(1, 2))
     with pytest.raises(RuntimeError, match="expected a contiguous"):
         compiled.transpose_last2(torch.zeros(2, 3, 4, dtype=dtype), torch.zeros(2, 3, 4, dtype=dtype))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checks import assert_matches
-from conftest import backend_params
+from conftest import backend_params, with_shapes
 
 import cmfast
 from cmfast import ops
@@ -63,19 +63,26 @@ def test_reference_is_torchs_groupnorm_chain(gen):
     assert_matches(reference(x, args, True), want)
 
 
-@pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
+VARIANTS = {  # (affine, scale/shift, SiLU)
+    "modulated silu": (True, True, True),  # ResBlock out_layers with scale-shift
+    "silu": (True, False, True),  # in_layers
+    "plain": (True, False, False),  # the attention's norm
+    "no affine, modulated": (False, True, False),
+}
+
+
+@pytest.mark.parametrize("device, backend, shape", with_shapes(backend_params(G.IMPLEMENTED), shapes_for))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_kernels_match_reference(device, backend, dtype, layout, gen):
-    """Each shape with scale/shift + SiLU (ResBlock out_layers), plain + SiLU (in_layers), plain (attention)."""
-    for shape in shapes_for(device, backend):
-        for variant, (affine, modulated, silu) in enumerate([(True, True, True), (True, False, True),
-                                                             (True, False, False), (False, True, False)]):
-            x, args = make(shape, dtype, device, gen, layout == "channels_last", affine, modulated)
-            out = torch.full_like(x, float("nan"))  # poisoned: unwritten elements fail
-            f32 = {k: None if v is None else v.float().contiguous() for k, v in args.items()}
-            G.kernel(backend)(x, f32["weight"], f32["bias"], f32["scale"], f32["shift"], 32, 1e-5, silu, out)
-            assert_matches(out, reference(x, args, silu), ulps=2, rtol=1e-5)
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_kernels_match_reference(device, backend, shape, dtype, layout, variant, gen):
+    """Each shape in each variant of the op the U-Net calls."""
+    affine, modulated, silu = variant
+    x, args = make(shape, dtype, device, gen, layout == "channels_last", affine, modulated)
+    out = torch.full_like(x, float("nan"))  # poisoned: unwritten elements fail
+    f32 = {k: None if v is None else v.float().contiguous() for k, v in args.items()}
+    G.kernel(backend)(x, f32["weight"], f32["bias"], f32["scale"], f32["shift"], 32, 1e-5, silu, out)
+    assert_matches(out, reference(x, args, silu), ulps=2, rtol=1e-5)
 
 
 # The CUDA kernel each GPU test shape is meant to exercise (on sm_90; the cluster one is two-stage before that).
