@@ -214,8 +214,9 @@ def _add_training(sub) -> None:
     p.set_defaults(func=_run("run_evaluate"))
 
     p = sub.add_parser("demo", help="the built-in model at work: samples, inpainting, denoising as PNG files",
-                       description="Write OUT/one_step.png and two_step.png (one image per class), inpaint.png and "
-                       "denoise.png (original | input | result) with the built-in digits model.")
+                       description="Write OUT/samples.png (a sample of each digit, one step and two steps; a column "
+                       "per digit, titled) and OUT/edits.png (real digits, their top half erased and inpainted, "
+                       "noised and denoised; each row labelled) with the built-in digits model.")
     p.add_argument("checkpoint", nargs="?", default=None, help="default: the built-in digits model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

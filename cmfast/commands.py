@@ -231,7 +231,11 @@ def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels,
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     c, size = model.unet.config.in_channels, model.unet.config.image_size
     x = levels[0] * sampling.randn((len(indices), c, size, size), gens, "cpu")
-    return sampling.sample(model.denoiser, x, levels, y=labels, generator=gens, callback=callback), labels
+    run = sampling.sample_heun if model.kind == "edm" else sampling.sample
+    return run(model.denoiser, x, levels, y=labels, generator=gens, callback=callback), labels
+
+
+TEACHER_LEVELS = 18  # Heun over an 18-point Karras grid (35 network calls) for an EDM teacher of the digits
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -248,17 +252,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     rows = [("held-out real digits", *scorer.score(data.test_x, data.test_y)),
             ("real digits (train)", *scorer.score(data.train_x[:n], data.train_y[:n])),
             ("uniform noise", *scorer.score(noise, data.test_y[:n]))]
-    runs = (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model)))
-    with _calls_bar(sum(len(levels) for _, levels in runs), f"sampling {args.num_per_class * 10} digits") as bar:
+    rows = [(*row, digits.high_frequency(x) / digits.high_frequency(data.train_x))
+            for row, x in zip(rows, (data.test_x, data.train_x[:n], noise))]
+    if model.kind == "edm":
+        runs = ((f"Heun samples ({TEACHER_LEVELS} levels)", schedules.karras_sigmas(TEACHER_LEVELS).tolist()),)
+    else:
+        runs = (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model)))
+    calls = sum(2 * len(levels) - 1 if model.kind == "edm" else len(levels) for _, levels in runs)
+    with _calls_bar(calls, f"sampling {args.num_per_class * 10} digits") as bar:
         for name, levels in runs:
             images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)),
-                                             callback=lambda info: bar.update(1))
-            rows.append((name, *scorer.score(images_, labels)))
-    print(f"{'':<24}{'recognised as asked':>20}{'Frechet distance':>18}")
-    for name, acc, fd in rows:
-        print(f"{name:<24}{acc:>19.1%}{fd:>18.2f}")
+                                             callback=lambda info: bar.update(1 if model.kind != "edm" else 0))
+            bar.update(2 * len(levels) - 1 if model.kind == "edm" else 0)
+            rows.append((name, *scorer.score(images_, labels),
+                         digits.high_frequency(images_) / digits.high_frequency(data.train_x)))
+    print(f"{'':<26}{'recognised as asked':>20}{'Frechet distance':>18}{'high-frequency energy':>23}")
+    for name, acc, fd, hf in rows:
+        print(f"{name:<26}{acc:>19.1%}{fd:>18.2f}{hf:>21.2f}x")
     print("(classifier: logistic regression on the real training digits; distance: 16-d PCA of them, to the "
-          f"{len(data.test_y)} held-out digits)")
+          f"{len(data.test_y)} held-out digits; high-frequency energy: mean |Laplacian| at 16x16, against the real "
+          "training digits')")
     return 0
 
 
@@ -266,14 +279,14 @@ DEMO_ZOOM = 4  # nearest-neighbour: 16-pixel digits shown 64 pixels wide
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """What the built-in model does, as PNG files: one image per class in one and two steps, an inpainting and a
-    denoising example (each input | as edited | result)."""
-    names = ["one_step.png", "two_step.png", "inpaint.png", "denoise.png"]
+    """What the built-in model does, as two labelled PNG files: a sample of every class in one and two steps, and
+    an inpainting and a denoising example."""
+    names = ["samples.png", "edits.png"]
     with _outputs(args, names, args.checkpoint) as out:
         _demo(args, out)
         out.commit()
-    print(f"wrote {', '.join(str(out.path(n)) for n in names)}: columns are the digits 0-9; the edits' rows are "
-          "original, input, result")
+    print(f"wrote {out.path('samples.png')} (a sample of each digit, one and two steps) and {out.path('edits.png')} "
+          "(the bottom half inpainted, noise at sigma 0.5 removed)")
     return 0
 
 
@@ -298,14 +311,15 @@ def _demo(args: argparse.Namespace, out: outputs.Outputs) -> None:
     bar.update(1)
     bar.close()
     erased = editing.Pixels(mask.expand_as(real)).erase(real)
+    titles = [str(c) for c in range(10)]
+    u8 = images.to_uint8
     pictures = {
-        "one_step.png": images.grid(images.to_uint8(one), columns=10),
-        "two_step.png": images.grid(images.to_uint8(two), columns=10),
-        "inpaint.png": images.grid(images.to_uint8(torch.cat([real, erased, filled])), columns=10),
-        "denoise.png": images.grid(images.to_uint8(torch.cat([real, noisy.clamp(-1, 1), denoised])), columns=10),
+        "samples.png": [("one step", u8(one)), (f"two steps (80, {two_levels[1]:.3g})", u8(two))],
+        "edits.png": [("real", u8(real)), ("bottom erased", u8(erased)), ("inpainted", u8(filled)),
+                      ("noisy, 0.5", u8(noisy.clamp(-1, 1))), ("denoised", u8(denoised))],
     }
-    for name, image in pictures.items():
-        images.save_png(out.stage(name), image.repeat(DEMO_ZOOM, axis=0).repeat(DEMO_ZOOM, axis=1))
+    for name, rows in pictures.items():
+        images.save_png(out.stage(name), images.labelled_grid(rows, titles, zoom=DEMO_ZOOM))
 
 
 def _random_weights(unet) -> None:

@@ -80,3 +80,13 @@ class Scorer:
         feats = _features(images)
         accuracy = float((self.classifier.predict(feats) == labels.cpu().numpy()).mean())
         return accuracy, frechet_distance(self.pca.transform(feats), self.reference)
+
+
+def high_frequency(images: torch.Tensor) -> float:
+    """The mean |Laplacian| of images at 16x16 (bilinear from other sizes), on [-1, 1]: how grainy they are. The real
+    digits (8x8 originals resized to 16x16) set the scale a smooth sample should have."""
+    x = images.float().mean(1, keepdim=True)
+    if x.shape[-1] != 16:
+        x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    return float(F.conv2d(x.clamp(-1, 1), kernel).abs().mean())

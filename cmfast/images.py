@@ -34,6 +34,32 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
+def labelled_grid(rows: list[tuple[str, np.ndarray]], titles: list[str], zoom: int = 1, pad: int = 2) -> np.ndarray:
+    """Rows of (label, (N, H, W, C) uint8 images) as one RGB picture: each row's label on its left, a title above
+    each column, tiles enlarged `zoom` times (nearest neighbour), drawn with Pillow's bundled font (no system font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    tiles = [(label, a.repeat(zoom, axis=1).repeat(zoom, axis=2)) for label, a in rows]
+    h, w = tiles[0][1].shape[1:3]
+    font = ImageFont.load_default(size=max(10, min(h // 3, 16)))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(draw.textlength(label, font=font)) for label, _ in tiles) + 3 * pad
+    title_h = max(12, min(h // 3, 16)) + 3 * pad
+    columns = max(a.shape[0] for _, a in tiles)
+    picture = Image.new("RGB", (label_w + columns * (w + pad) + pad, title_h + len(tiles) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(picture)
+    for j, title in enumerate(titles[:columns]):
+        x = label_w + j * (w + pad) + w / 2 - draw.textlength(title, font=font) / 2
+        draw.text((x, pad), title, font=font, fill="black")
+    for i, (label, a) in enumerate(tiles):
+        top = title_h + i * (h + pad)
+        draw.text((pad, top + h / 2), label, font=font, fill="black", anchor="lm")
+        for j, tile in enumerate(a):
+            rgb = np.repeat(tile, 3, axis=-1) if tile.shape[-1] == 1 else tile
+            picture.paste(Image.fromarray(rgb), (label_w + j * (w + pad), top))
+    return np.asarray(picture)
+
+
 def open_image(path, what: str):
     """The PIL image of a file, decoded, or one clear error naming `what` and the file: a folder, a file that is no
     image, truncated data, pixels of more than 16 bits. Use as a context manager."""

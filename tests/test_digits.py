@@ -37,9 +37,9 @@ def test_evaluate_reports_samples_beside_real_digits_and_noise(trained, capsys):
 
 def test_demo_writes_its_pictures(trained, tmp_path):
     assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 0
-    for name in ("one_step.png", "two_step.png", "inpaint.png", "denoise.png"):
+    for name, rows in (("samples.png", 2), ("edits.png", 5)):
         with Image.open(tmp_path / name) as img:
-            assert img.size[0] > 10 * 16
+            assert img.mode == "RGB" and img.size[0] > 10 * 16 * 4 and img.size[1] > rows * 16 * 4
     assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 2  # no overwrite
 
 
@@ -89,3 +89,16 @@ def test_the_built_in_model_in_bf16_mode_draws_what_fp32_does(capsys):
     assert float(diff.mean()) < 0.5 / 127.5 and float(diff.max()) < 8 / 127.5, (float(diff.mean()), float(diff.max()))
     assert main(["evaluate", "--precision", "bf16", "--num-per-class", "2"]) == 0
     assert "one-step samples" in capsys.readouterr().out
+
+
+def test_labelled_grid_puts_each_tile_in_its_place():
+    from cmfast import images
+
+    tiles = np.stack([np.full((4, 4, 1), 10 * (i + 1), np.uint8) for i in range(3)])
+    picture = images.labelled_grid([("row a", tiles), ("row b", tiles[::-1])], ["0", "1", "2"], zoom=2, pad=2)
+    h, w = picture.shape[:2]
+    # the last column of the last row holds the first tile, enlarged to 8x8, in the bottom-right corner (inside the
+    # margin of 2 pad: the gap after each tile and the border)
+    corner = picture[h - 4 - 8:h - 4, w - 4 - 8:w - 4]
+    assert (corner == 10).all()
+    assert (picture[:, :5] < 255).any()  # labels drawn in the left margin
