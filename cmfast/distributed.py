@@ -19,6 +19,7 @@ small status objects do.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -60,10 +61,15 @@ def world(device_type: str | None = None) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if not dist.is_available() or (not dist.is_initialized() and size == 1):
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if not dist.is_initialized():
         cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0))
+        if cuda:  # NCCL's collectives (the status objects included) go through the current GPU: this process's own
+            torch.cuda.set_device(local_rank)
+        # The processes meet only at the start and the end, and the end waits for the slowest one's share: a long
+        # timeout, so that an uneven share is not taken for a hang (a process that dies ends the job through torchrun).
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def process_device(device: torch.device) -> torch.device:

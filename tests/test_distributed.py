@@ -153,3 +153,17 @@ def test_the_python_function_checks_its_input(tmp_path):
     assert not (tmp_path / "out").exists()
     written = distributed.sample_to_folder(model, tmp_path / "out", num=3, batch=2, progress=False)
     assert written == tmp_path / "out" / "samples.npz" and arrays(tmp_path / "out")["arr_0"].shape == (3, 16, 16, 1)
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    import torch
+
+    from cmfast.distributed import process_device
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert process_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # a device the user named stays
+    assert process_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert process_device(torch.device("cuda")) == torch.device("cuda")
