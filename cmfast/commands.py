@@ -26,7 +26,7 @@ def resolve_device(name: str | None) -> torch.device:
     """--device: a name torch knows whose device is here (cpu, cuda, cuda:1); None: cuda when there is one."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return parse_device(name, "--device")
+    return parse_device(name, "--device", meta=False)
 
 
 def consistency_levels(args, model: pretrained.Model, default_steps: int) -> list[float]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def parse_device(value, what: str = "device") -> torch.device:
-    """A torch device that is here: cpu, cuda, cuda:N (a CUDA index below the count). `what` names the argument in
-    the error."""
+def parse_device(value, what: str = "device", *, meta: bool = True) -> torch.device:
+    """A torch device that is here: cpu, cuda, cuda:N (a CUDA index below the count), and meta (shapes without
+    values, for tracing) where `meta` allows. `what` names the argument in the error."""
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
@@ -18,6 +18,6 @@ def parse_device(value, what: str = "device") -> torch.device:
             raise ValueError(f"{what} {device}: no CUDA device here (torch {torch.__version__}); use cpu")
         if device.index is not None and device.index >= count:
             raise ValueError(f"{what} {device}: there are {count} CUDA device(s), numbered from 0")
-    elif device.type != "cpu":
+    elif device.type != "cpu" and not (meta and device.type == "meta"):
         raise ValueError(f"{what}: expected cpu, cuda or cuda:N, got {value!r}")
     return device

@@ -74,7 +74,7 @@ def op_calls(config, batch: int, channels_last: bool, dtype: torch.dtype) -> lis
     """The (op, args) calls the U-Net of `config` makes in a forward at this batch size, on the meta device, in
     this precision (UNet.set_precision) and layout."""
     from cmfast.models import unet as unet_module
-    from cmfast.ops.attention import output_like
+    from cmfast.ops.attention import attention_output
 
     calls = []
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -90,7 +90,7 @@ def op_calls(config, batch: int, channels_last: bool, dtype: torch.dtype) -> lis
         def attention(qkv, num_heads):
             qkv = qkv.contiguous(memory_format=layout)
             calls.append(("attention", (qkv, num_heads)))
-            return output_like(qkv)
+            return attention_output(qkv)
 
     with torch.device("meta"):  # the reference's mixed mode for half types: block convolutions in that type
         model = unet_module.UNet(config).set_precision(PRECISION[dtype]).set_channels_last(channels_last)
@@ -127,8 +127,9 @@ def all_op_calls() -> list[tuple[str, tuple, str]]:
 
 def launches_for(target: Target, calls) -> dict[tuple, Launch]:
     """Every distinct kernel specialisation the launchers pick for these calls at the target's SM count."""
-    from cmfast.ops.attention import kernel_layout as attention_layout, output_like
-    from cmfast.ops.group_norm import _f32, kernel_layout
+    from cmfast.ops._common import dense_layout
+    from cmfast.ops.attention import attention_output
+    from cmfast.ops.group_norm import _f32
     from cmfast.triton import attention, consistency, group_norm
 
     modules = (attention, consistency, group_norm)
@@ -150,8 +151,8 @@ def launches_for(target: Target, calls) -> dict[tuple, Launch]:
 
     with contextlib.ExitStack() as patches:
         for module in modules:
-            if hasattr(module, "_sm_count"):
-                patches.enter_context(mock.patch.object(module, "_sm_count", lambda device: target.sms))
+            if hasattr(module, "sm_count"):
+                patches.enter_context(mock.patch.object(module, "sm_count", lambda device: target.sms))
             for name, value in vars(module).items():
                 if isinstance(value, JITFunction) and name.endswith("_kernel"):
                     patches.enter_context(mock.patch.object(value, "run", recorder(value)))
@@ -159,12 +160,12 @@ def launches_for(target: Target, calls) -> dict[tuple, Launch]:
             current[0] = description
             if op == "group_norm":
                 x, weight, bias, scale, shift, num_groups, eps, silu = args
-                x = kernel_layout(x)
+                x = dense_layout(x)
                 group_norm.group_norm(x, _f32(weight), _f32(bias), _f32(scale), _f32(shift), num_groups, eps, silu,
                                       torch.empty_like(x))
             elif op == "attention":
-                qkv = attention_layout(args[0])
-                attention.attention(qkv, args[1], output_like(qkv))
+                qkv = dense_layout(args[0])
+                attention.attention(qkv, args[1], attention_output(qkv))
             else:
                 x = args[0]
                 sigma = torch.empty(x.shape[0], device="meta")
