@@ -29,8 +29,11 @@ def _convert(args: argparse.Namespace) -> int:
     from .models import CheckpointError, load, save
 
     try:
+        from .models.checkpoint import recorded_kind
+
         model = load(args.src, config=args.config, num_head_channels=args.num_head_channels)
-        save(model, args.dst, overwrite="own" if args.force else False, protect=_inputs_of(args.src))
+        save(model, args.dst, overwrite="own" if args.force else False, protect=_inputs_of(args.src),
+             kind=recorded_kind(args.src))
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"cmfast convert: {e}", file=sys.stderr)
         return 2

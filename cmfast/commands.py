@@ -261,9 +261,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     calls = sum(2 * len(levels) - 1 if model.kind == "edm" else len(levels) for _, levels in runs)
     with _calls_bar(calls, f"sampling {args.num_per_class * 10} digits") as bar:
         for name, levels in runs:
+            last = len(levels) - 1  # a Heun step is two network calls, the last one (to sigma 0) one
+
+            def counted(info, last=last):
+                bar.update(2 if model.kind == "edm" and info["i"] < last else 1)
+
             images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)),
-                                             callback=lambda info: bar.update(1 if model.kind != "edm" else 0))
-            bar.update(2 * len(levels) - 1 if model.kind == "edm" else 0)
+                                             callback=counted)
             rows.append((name, *scorer.score(images_, labels),
                          digits.high_frequency(images_) / digits.high_frequency(data.train_x)))
     print(f"{'':<26}{'recognised as asked':>20}{'Frechet distance':>18}{'high-frequency energy':>23}")

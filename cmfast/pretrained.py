@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .consistency import Denoiser
 from .models import PRESETS, UNet, load
+from .models.checkpoint import recorded_kind
 
 RELEASES = "https://github.com/openai/consistency_models (README: checkpoints)"
 BUILT_IN = Path(__file__).resolve().parent / "data" / "digits.safetensors"  # the default model (`make digits-model`)
@@ -69,7 +70,7 @@ def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None
         name = path.stem if path.is_file() else path.name
         preset = PRESETS.get(name)
         unet = load(path, config=None, device=device, dtype=dtype)
-        return Model(name, unet, kind or (preset.kind if preset else "consistency"))
+        return Model(name, unet, kind or recorded_kind(path) or (preset.kind if preset else "consistency"))
     found = locate(name_or_path)
     if found is None:
         raise FileNotFoundError(f"checkpoint: {name_or_path!r} is neither a file or folder nor a preset name")

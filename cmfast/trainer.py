@@ -135,7 +135,7 @@ class Run:
         if self.target is not None:
             state["target"] = self.target.state_dict()
         torch.save(state, out.stage("state.pt"))
-        stage(self.ema, out, "model.safetensors")
+        stage(self.ema, out, "model.safetensors", kind="edm" if self.config.method == "edm" else "consistency")
         out.commit()
 
     def loss(self, gen: torch.Generator) -> torch.Tensor:

@@ -102,3 +102,18 @@ def test_labelled_grid_puts_each_tile_in_its_place():
     corner = picture[h - 4 - 8:h - 4, w - 4 - 8:w - 4]
     assert (corner == 10).all()
     assert (picture[:, :5] < 255).any()  # labels drawn in the left margin
+
+
+def test_a_teacher_is_known_as_one_wherever_it_goes(tmp_path, capsys):
+    """An EDM teacher's file says what it is: sample, evaluate and convert treat it as a teacher (Heun)."""
+    from cmfast import pretrained
+
+    run = tmp_path / "teacher"
+    assert main(["train", "--method", "edm", "--steps", "2", "--batch", "4", "--out", str(run)]) == 0
+    assert pretrained.find(str(run / "model.safetensors")).kind == "edm"
+    assert main(["convert", str(run / "model.safetensors"), str(tmp_path / "copy.safetensors")]) == 0
+    assert pretrained.find(str(tmp_path / "copy.safetensors")).kind == "edm"
+    assert main(["evaluate", str(run / "model.safetensors"), "--num-per-class", "1"]) == 0
+    assert "Heun samples (18 levels)" in capsys.readouterr().out
+    consistency = pretrained.find(None)
+    assert consistency.kind == "consistency"

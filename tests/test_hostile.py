@@ -471,3 +471,15 @@ def test_mask_files(tmp_path):
     wide[:, :8] = 65535  # the left half known, in a 16-bit file
     Image.fromarray(wide).save(tmp_path / "m16.png")
     assert torch.equal(masks.load(tmp_path / "m16.png", 16), torch.from_numpy((wide > 0).astype(np.float32)))
+
+
+def test_bad_recorded_kind(checkpoint, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(checkpoint, framework="pt") as fh:
+        metadata = fh.metadata()
+    save_file(load_file(checkpoint), str(tmp_path / "m.safetensors"), metadata={**metadata, "cmfast_kind": "gan"})
+    assert main(["sample", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    assert "bad cmfast_kind metadata 'gan' (expected consistency or edm)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

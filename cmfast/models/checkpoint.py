@@ -20,6 +20,7 @@ from .unet import PRECISIONS, UNet
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CONFIG_METADATA = "cmfast_config"  # safetensors metadata key holding the UNetConfig as JSON
+KIND_METADATA = "cmfast_kind"  # and the kind of network: "consistency" (CD/CT) or "edm" (a teacher)
 
 
 class CheckpointError(ValueError):
@@ -252,9 +253,10 @@ def unrecorded(model: UNet) -> dict:
             if f != "dropout" and getattr(inferred, f) != getattr(model.config, f)}
 
 
-def stage(model: UNet, out, name: str | None) -> None:
+def stage(model: UNet, out, name: str | None, kind: str | None = None) -> None:
     """Write `model` to out's temporaries (a cmfast.outputs.Outputs): the file `name` (.pt or .safetensors), or,
-    for None, a diffusers model's config.json and diffusion_pytorch_model.safetensors."""
+    for None, a diffusers model's config.json and diffusion_pytorch_model.safetensors. kind ("consistency" or "edm",
+    what the network is) is recorded in a .safetensors file's metadata."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -265,10 +267,23 @@ def stage(model: UNet, out, name: str | None) -> None:
         torch.save(state, out.stage(name))
     else:
         meta = {CONFIG_METADATA: json.dumps(model.config.__dict__), "format": "openai"}
+        if kind is not None:
+            meta[KIND_METADATA] = kind
         save_file(state, str(out.stage(name)), metadata=meta)
 
 
-def save(model: UNet, dest, *, overwrite: bool | str = False, protect=()) -> Path:
+def recorded_kind(path) -> str | None:
+    """The kind ("consistency" or "edm") a cmfast .safetensors file records, else None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    kind = _safetensors_load(path)[1].get(KIND_METADATA)
+    if kind not in (None, "consistency", "edm"):
+        raise CheckpointError(f"{path}: bad {KIND_METADATA} metadata {kind!r} (expected consistency or edm)")
+    return kind
+
+
+def save(model: UNet, dest, *, overwrite: bool | str = False, protect=(), kind: str | None = None) -> Path:
     """Write `model` as an openai `.pt`, a `.safetensors` (openai names, config in metadata) or, for a path without
     one of those suffixes, a diffusers model folder (config.json and diffusion_pytorch_model.safetensors; nothing
     else in the folder is touched). Through cmfast.outputs: checked first, written as a set or not at all.
@@ -280,6 +295,6 @@ def save(model: UNet, dest, *, overwrite: bool | str = False, protect=()) -> Pat
     folder = dest.suffix not in (".pt", ".safetensors")
     names = ["config.json", DIFFUSERS_WEIGHTS[0]] if folder else [dest.name]
     with Outputs(dest if folder else dest.parent, names, replace=overwrite, what="destination", protect=protect) as out:
-        stage(model, out, dest.name if not folder else None)
+        stage(model, out, dest.name if not folder else None, kind)
         out.commit()
     return dest
