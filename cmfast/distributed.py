@@ -177,26 +177,26 @@ def sample_to_folder(model, out, *, num: int, batch: int, seed: int = 0, sigmas=
     if sigmas is None:
         sigmas = schedules.karras_sigmas(40) if model.kind == "edm" else [sampling.SIGMA_MAX]
     levels = sampling.noise_levels(sigmas)
-    unet_config = model.unet.config
-    job = {"checkpoint": model.name, "weights": weights_checksum(model.unet), "kind": model.kind, "seed": seed,
+    job = {"weights": weights_checksum(model.unet), "kind": model.kind, "seed": seed,
            "sigmas": [float(s) for s in levels], "precision": model.unet.precision, "batch": batch, "num": num,
            "class_labels": list(class_labels) if class_labels else None}
     batches = math.ceil(num / batch)
     shards = out / SHARDS
 
     with contextlib.ExitStack() as stack:
-        folder, plan = None, None
+        folder, plan, refused = None, None, None
         if w.main:  # takes the folder for the whole job; the other processes write only their shards into it
             try:
                 folder = stack.enter_context(outputs.Outputs(out, OUTPUTS, replace="own" if force else False))
                 plan = {"todo": _plan(shards, job, num, batch, batches, force)}
             except (ValueError, OSError) as e:
+                refused = e
                 plan = {"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"}
         plan = _from_main(w, plan)
         if "error" in plan:
-            raise outputs.OutputError(plan["error"])
-        bar = stack.enter_context(Progress(w, num, (batches - len(plan["todo"])) * batch, _describe(model, levels),
-                                           shards, progress))
+            raise refused if refused is not None else outputs.OutputError(plan["error"])
+        done = min(num, (batches - len(plan["todo"])) * batch)
+        bar = stack.enter_context(Progress(w, num, done, _describe(model, levels), shards, progress))
         status, error = _run_share(model, plan["todo"][w.rank::w.size], levels, seed, class_labels, cuda_graph, job,
                             num, batch, shards, bar, w)
         reports = _everyone(w, status)  # every process waits here for every other, failed or not
