@@ -196,6 +196,11 @@ def _add_training(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "l2", "l1"])
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA of the weights that are saved")
+    p.add_argument("--n-schedule", default="doubling", choices=["doubling", "paper", "fixed"],
+                   help="ct/cd: the number of noise levels N over training: doubling (improved CT, from --n-points to "
+                        "1280), paper (the paper's CT growth), fixed (N = --n-points throughout, the paper's CD)")
+    p.add_argument("--n-points", type=int, default=None,
+                   help="ct/cd: N to start from (doubling: default 10; paper: 2) or, with fixed, N (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the same weights need the same count)")
     p.add_argument("--checkpoint-every", type=int, default=250)

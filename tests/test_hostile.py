@@ -126,6 +126,8 @@ def test_train_refuses_a_model_it_would_not_resume(checkpoint, tmp_path, capsys)
     (["--threads", "0"], "--threads: expected a positive integer, got 0"),
     (["--model", "foo"], "--model: unknown preset 'foo'; known: "),
     (["--lr", "nan"], "--lr: expected a positive finite number, got nan"),
+    (["--n-points", "1"], "--n-points: expected at least 2 noise levels, got 1"),
+    (["--n-schedule", "doubling", "--n-points", "2000"], "s0, s1: expected 2 <= s0 <= s1 grid points, got 2000, 1280"),
 ])
 def test_train_bad_options(tmp_path, capsys, argv, message):
     assert main([*TRAIN, *argv, "--out", str(tmp_path / "run")]) == 2

@@ -107,3 +107,11 @@ def test_a_run_refuses_other_settings(tmp_path, gen):
         Run(tmp_path / "r", TrainConfig(steps=2, batch=8), TINY, x, y)
     with pytest.raises(ValueError, match="teacher"):
         TrainConfig(method="cd")
+
+
+def test_fixed_discretisation_keeps_n():
+    from cmfast.trainer import TrainConfig
+
+    config = TrainConfig(method="ct", steps=100, n_schedule="fixed", s0=40)
+    assert {config.n_points(k) for k in range(0, 100, 7)} == {40}
+    assert TrainConfig(method="ct", steps=100).n_points(99) > TrainConfig(method="ct", steps=100).n_points(0)
