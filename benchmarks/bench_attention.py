@@ -5,7 +5,7 @@ Providers, same inputs, one run: each cmfast backend of `attention` that runs on
 reference U-Net's chain (openai's QKVAttention: split, two einsums with the scale on q and k, softmax in fp32);
 torch-sdpa, diffusers' chain (tokens-major q/k/v, scaled_dot_product_attention, transposes back to channels);
 torch.compile of the eager chain. Compute bound: 4 * B * heads * T^2 * D FLOPs (QK^T and PV), as TFLOP/s and the
-fraction of the matmul FLOP/s of the dtype.
+fraction of the dense FLOP/s of the dtype (a large matmul or 3x3 convolution, the faster).
 usage: python -m benchmarks.bench_attention [runner options] (see python -m benchmarks --help)
 """
 

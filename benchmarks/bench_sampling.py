@@ -18,8 +18,9 @@ CPU class that costs minutes of cold compile per model and batch, hence opt-in.
 
 Work: FLOPs of one forward counted once per model (convolutions and linears by torch's FlopCounterMode, attention
 as 4 B C T^2 from each attention block's input), times the network calls. Reported as TFLOP/s and the fraction of the
-matmul FLOP/s of the dtype. On a GPU, half dtypes run cmfast in the reference's mixed mode (block convolutions in
-the dtype, embeddings and head in fp32) and diffusers' UNet2DModel wholly in the dtype.
+dense FLOP/s of the dtype (a large matmul or 3x3 convolution, the faster). On a GPU, half dtypes run cmfast in the
+reference's mixed mode (block convolutions in the dtype, embeddings and head in fp32) and diffusers' UNet2DModel
+wholly in the dtype.
 usage: python -m benchmarks.bench_sampling [runner options] (see python -m benchmarks --help)
 """
 

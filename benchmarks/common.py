@@ -37,7 +37,7 @@ class Row:
     reps: int = 0
     gb_per_s: float | None = None  # memory-bound benchmarks: the fewest bytes the call must move / p50
     tflop_per_s: float | None = None  # compute-bound benchmarks: FLOPs / p50
-    fraction_of_ceiling: float | None = None  # of the copy bandwidth or the matmul FLOP/s of this dtype
+    fraction_of_ceiling: float | None = None  # of the copy bandwidth or the dense FLOP/s of this dtype
     ceiling: str = ""  # which ceiling, and its value
     ratios: str = ""  # "peer=x.xx;...": how many times faster than each peer (peer p50 / this p50)
     other_load: float | None = None
@@ -205,7 +205,7 @@ class Session:
             row.ceiling = "copy"
         elif flop is not None:
             row.tflop_per_s = flop / (m.p50 * 1e-3) / 1e12
-            row.ceiling = f"matmul-{dtype_name}"
+            row.ceiling = f"dense-{dtype_name}"
         self.rows.append(row)
         rate = (f"{row.gb_per_s:8.1f} GB/s" if row.gb_per_s is not None
                 else f"{row.tflop_per_s:8.3f} TFLOP/s" if row.tflop_per_s is not None else "")
@@ -228,9 +228,9 @@ class Session:
                 value = self.ceilings.bytes_per_s
                 r.fraction_of_ceiling = r.gb_per_s * 1e9 / value
                 r.ceiling = f"copy {value / 1e9:.1f} GB/s"
-            elif r.ceiling.startswith("matmul-"):
+            elif r.ceiling.startswith("dense-"):
                 kind = r.ceiling.split()[0]
-                value = self.ceilings.flop_per_s.get(kind.removeprefix("matmul-"))
+                value = self.ceilings.flop_per_s.get(kind.removeprefix("dense-"))
                 if value:
                     r.fraction_of_ceiling = r.tflop_per_s * 1e12 / value
                     r.ceiling = f"{kind} {value / 1e12:.3g} TFLOP/s"

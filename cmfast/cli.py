@@ -33,7 +33,7 @@ def _convert(args: argparse.Namespace) -> int:
 
         model = load(args.src, config=args.config, num_head_channels=args.num_head_channels)
         save(model, args.dst, overwrite="own" if args.force else False, protect=_inputs_of(args.src),
-             kind=recorded_kind(args.src))
+             kind=recorded_kind(args.src), weights_dtype=args.weights_dtype)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"cmfast convert: {e}", file=sys.stderr)
         return 2
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", default=None, help="preset name when SRC's config cannot be inferred")
     convert.add_argument("--num-head-channels", type=int, default=None,
                          help="attention head width of a SRC that does not record it (an openai .pt: 64 unless given)")
+    convert.add_argument("--weights-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                         help="the type DST stores the weights in: fp16 or bf16 halve the file (loading gives fp32 "
+                         "again; fp16 keeps more digits, bf16 more range)")
     convert.add_argument("--force", action="store_true",
                          help="replace DST's model files if cmfast wrote them (nothing else in a folder is touched)")
     convert.set_defaults(func=_convert)
@@ -189,7 +192,11 @@ def _add_training(sub) -> None:
     )
     p.add_argument("--model", default="digits", help="preset of the network (default: digits, 1.4M parameters)")
     p.add_argument("--method", default="ct", choices=["ct", "cd", "edm"], help="ct, cd (needs --teacher), edm")
-    p.add_argument("--teacher", default=None, help="cd: the EDM teacher's checkpoint")
+    p.add_argument("--teacher", default=None,
+                   help="cd: the EDM teacher's checkpoint, of the --model architecture (the student starts from its "
+                        "weights, as in the reference); digits-teacher is the built-in one")
+    p.add_argument("--init", default="teacher", choices=["teacher", "fresh"],
+                   help="cd: start the student from the teacher's weights (the reference's CD) or afresh")
     p.add_argument("--steps", type=int, default=2000, help="length of the run (sets the N and EMA schedules)")
     p.add_argument("--until", type=int, default=None, help="stop at this step (rerun without it to finish)")
     p.add_argument("--batch", type=int, default=128)

@@ -204,7 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
     schedule = {"n_schedule": args.n_schedule, "s0": start, **({"s1": 150} if args.n_schedule == "paper" else {})}
     config = TrainConfig(method=args.method, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                          distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every,
-                         ema_decay=args.ema_decay, **schedule)
+                         ema_decay=args.ema_decay, init=args.init, **schedule)
     unet_config = PRESETS[args.model].unet
     data = digits.load(unet_config.image_size)
     torch.set_num_threads(args.threads)
@@ -221,64 +221,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def digits_two_step(model: pretrained.Model) -> list[float]:
-    """The model's tuned two-step schedule, else the built-in digits model's."""
-    return schedules.two_step_sigmas(model.name if model.name in schedules.TWO_STEP else "digits").tolist()
-
-
-def digits_samples(model: pretrained.Model, per_class: int, seed: int, levels,
-                   callback=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """per_class samples of every class, each from its own seeded generator."""
-    n_classes = model.unet.config.num_classes
-    indices = range(n_classes * per_class)
-    gens = sampling.generators_for(seed, indices)
-    labels = torch.arange(n_classes).repeat_interleave(per_class)
-    c, size = model.unet.config.in_channels, model.unet.config.image_size
-    x = levels[0] * sampling.randn((len(indices), c, size, size), gens, "cpu")
-    run = sampling.sample_heun if model.kind == "edm" else sampling.sample
-    return run(model.denoiser, x, levels, y=labels, generator=gens, callback=callback), labels
-
-
-TEACHER_LEVELS = 18  # Heun over an 18-point Karras grid (35 network calls) for an EDM teacher of the digits
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     """The digits model's quality: recognised share and Frechet distance, beside real digits and noise."""
     from . import digits
 
+    _positive(args, "num_per_class")
     model = pretrained.find(args.checkpoint, dtype=args.precision)
     if model.unet.config.num_classes != 10 or model.unet.config.image_size not in (8, 16, 32):
         raise ValueError("checkpoint: evaluate scores class-conditional digits models (10 classes)")
-    data = digits.load(model.unet.config.image_size)
-    scorer = digits.Scorer(data)
-    n = min(args.num_per_class * 10, len(data.test_y))
-    noise = torch.rand(n, *data.test_x.shape[1:], generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
-    rows = [("held-out real digits", *scorer.score(data.test_x, data.test_y)),
-            ("real digits (train)", *scorer.score(data.train_x[:n], data.train_y[:n])),
-            ("uniform noise", *scorer.score(noise, data.test_y[:n]))]
-    rows = [(*row, digits.high_frequency(x) / digits.high_frequency(data.train_x))
-            for row, x in zip(rows, (data.test_x, data.train_x[:n], noise))]
-    if model.kind == "edm":
-        runs = ((f"Heun samples ({TEACHER_LEVELS} levels)", schedules.karras_sigmas(TEACHER_LEVELS).tolist()),)
-    else:
-        runs = (("one-step samples", [80.0]), ("two-step samples", digits_two_step(model)))
-    calls = sum(2 * len(levels) - 1 if model.kind == "edm" else len(levels) for _, levels in runs)
+    calls = sum(digits.network_calls(model, levels) for _, levels in digits.samplers(model))
     with _calls_bar(calls, f"sampling {args.num_per_class * 10} digits") as bar:
-        for name, levels in runs:
-            last = len(levels) - 1  # a Heun step is two network calls, the last one (to sigma 0) one
-
-            def counted(info, last=last):
-                bar.update(2 if model.kind == "edm" and info["i"] < last else 1)
-
-            images_, labels = digits_samples(model, args.num_per_class, args.seed, list(map(float, levels)),
-                                             callback=counted)
-            rows.append((name, *scorer.score(images_, labels),
-                         digits.high_frequency(images_) / digits.high_frequency(data.train_x)))
+        rows = digits.evaluate(model, args.num_per_class, args.seed, callback=bar.update)
     print(f"{'':<26}{'recognised as asked':>20}{'Frechet distance':>18}{'high-frequency energy':>23}")
-    for name, acc, fd, hf in rows:
-        print(f"{name:<26}{acc:>19.1%}{fd:>18.2f}{hf:>21.2f}x")
+    for name, score in rows.items():
+        print(f"{name:<26}{score.recognised:>19.1%}{score.frechet:>18.2f}{score.high_frequency:>21.2f}x")
     print("(classifier: logistic regression on the real training digits; distance: 16-d PCA of them, to the "
-          f"{len(data.test_y)} held-out digits; high-frequency energy: mean |Laplacian| at 16x16, against the real "
+          "held-out quarter of the digits; high-frequency energy: mean |Laplacian| at 16x16, against the real "
           "training digits')")
     return 0
 
@@ -291,24 +249,35 @@ def run_demo(args: argparse.Namespace) -> int:
     an inpainting and a denoising example."""
     names = ["samples.png", "edits.png"]
     with _outputs(args, names, args.checkpoint) as out:
-        _demo(args, out)
+        shown = _demo(args, out)
         out.commit()
-    print(f"wrote {out.path('samples.png')} (a sample of each digit, one and two steps) and {out.path('edits.png')} "
+    print(f"wrote {out.path('samples.png')} (a sample of each digit: {', '.join(shown)}) and {out.path('edits.png')} "
           "(the bottom half inpainted, noise at sigma 0.5 removed)")
     return 0
 
 
-def _demo(args: argparse.Namespace, out: outputs.Outputs) -> None:
+def _demo(args: argparse.Namespace, out: outputs.Outputs) -> list[str]:
     from . import digits
 
     model = pretrained.find(args.checkpoint)
     data = digits.load(model.unet.config.image_size)  # first: a missing scikit-learn stops the demo before any work
     edit_levels = consistency_levels(args, model, 39)
-    two_levels = digits_two_step(model)
-    bar = _calls_bar(1 + len(two_levels) + len(edit_levels) + 1, "demo")
+    two_levels = digits.two_step(model)
+    # the built-in model's pictures show its teacher too (with Heun: the sampler of the released edm_* models)
+    teacher = pretrained.find("digits-teacher") if args.checkpoint is None and \
+        pretrained.BUILT_INS["digits-teacher"].is_file() else None
+    heun_levels = digits.samplers(teacher)[0][1] if teacher else []
+    calls = 1 + len(two_levels) + len(edit_levels) + 1 + (digits.network_calls(teacher, heun_levels) if teacher else 0)
+    bar = _calls_bar(calls, "demo")
     step = {"callback": lambda info: bar.update(1)}
-    one, _ = digits_samples(model, 1, args.seed, [80.0], **step)
-    two, _ = digits_samples(model, 1, args.seed, two_levels, **step)
+    one, _ = digits.samples(model, 1, args.seed, [80.0], **step)
+    two, _ = digits.samples(model, 1, args.seed, two_levels, **step)
+    rows = [("one step", images.to_uint8(one)), (f"two steps (80, {two_levels[1]:.3g})", images.to_uint8(two))]
+    if teacher:
+        last = len(heun_levels) - 1
+        heun, _ = digits.samples(teacher, 1, args.seed, heun_levels,
+                                 callback=lambda info: bar.update(2 if info["i"] < last else 1))
+        rows.append((f"teacher, Heun ({digits.network_calls(teacher, heun_levels)} calls)", images.to_uint8(heun)))
     real = torch.stack([data.test_x[data.test_y == c][0] for c in range(10)])
     labels = torch.arange(10)
     gens = sampling.generators_for(args.seed, range(10))
@@ -322,12 +291,13 @@ def _demo(args: argparse.Namespace, out: outputs.Outputs) -> None:
     titles = [str(c) for c in range(10)]
     u8 = images.to_uint8
     pictures = {
-        "samples.png": [("one step", u8(one)), (f"two steps (80, {two_levels[1]:.3g})", u8(two))],
+        "samples.png": rows,
         "edits.png": [("real", u8(real)), ("bottom erased", u8(erased)), ("inpainted", u8(filled)),
                       ("noisy, 0.5", u8(noisy.clamp(-1, 1))), ("denoised", u8(denoised))],
     }
     for name, rows in pictures.items():
         images.save_png(out.stage(name), images.labelled_grid(rows, titles, zoom=DEMO_ZOOM))
+    return [title for title, _ in pictures["samples.png"]]
 
 
 def _random_weights(unet) -> None:
@@ -424,13 +394,12 @@ def run_tune(args: argparse.Namespace) -> int:
         for precision in precisions:
             for batch in batches:
                 by = {r[2]: r[4] for r in rows if r[:2] == (precision, batch)}
-                best = min(by, key=by.get)
-                if by[best] > (1 - tuning.MARGIN) * by["nchw"]:
-                    best = "nchw"  # within the noise: the fixed order's layout
-                unet.set_precision(precision)
+                best, fixed = min(by, key=by.get), unet.set_precision(precision).fixed_layout()
+                if by[best] > (1 - tuning.MARGIN) * by[fixed]:
+                    best = fixed  # within the noise: the fixed order's layout
                 x = torch.empty(batch, c.in_channels, c.image_size, c.image_size, device=device)
                 tuning.remember("layout", device, unet.layout_key(x, None if c.num_classes is None else x), best,
-                                {k: round(v, 3) for k, v in by.items()}, "cmfast tune", "nchw")
+                                {k: round(v, 3) for k, v in by.items()}, "cmfast tune", fixed)
                 print(f"{precision} batch {batch}: {best} is faster ({by['nchw']:.1f} vs {by['channels_last']:.1f} ms); "
                       "recorded: models loaded without a layout run in it")
     changed = {}

@@ -12,7 +12,10 @@ from .models import PRESETS, UNet, load
 from .models.checkpoint import recorded_kind
 
 RELEASES = "https://github.com/openai/consistency_models (README: checkpoints)"
-BUILT_IN = Path(__file__).resolve().parent / "data" / "digits.safetensors"  # the default model (`make digits-model`)
+DATA = Path(__file__).resolve().parent / "data"
+# The built-in models (`make digits-model`): the default, a consistency model distilled from the EDM teacher beside it.
+BUILT_INS = {"digits": DATA / "digits.safetensors", "digits-teacher": DATA / "digits-teacher.safetensors"}
+BUILT_IN = BUILT_INS["digits"]
 
 
 def checkpoint_dirs() -> list[Path]:
@@ -33,7 +36,8 @@ class Model:
 
 
 def _built_in_missing(given: str | None) -> ValueError:
-    return ValueError(f"checkpoint: {'none given and ' if given is None else ''}this install has no built-in model; pass a "
+    what = "the built-in model" if given is None else f"the built-in model {given!r}"
+    return ValueError(f"checkpoint: {'none given and ' if given is None else ''}this install lacks {what}; pass a "
                       "checkpoint path or a preset name "
                       f"({', '.join(n for n in PRESETS if not n.startswith(('test', 'digits')))})")
 
@@ -42,10 +46,10 @@ def locate(name: str) -> Path | None:
     """The file of a model name: "digits" (the built-in model) or a preset name whose weights are in checkpoint_dirs();
     None when `name` is neither (a path, then). A known preset whose weights are not here is an error naming where
     they were looked for and where they come from."""
-    if name == "digits":
-        if not BUILT_IN.is_file():
+    if name in BUILT_INS:
+        if not BUILT_INS[name].is_file():
             raise _built_in_missing(name)
-        return BUILT_IN
+        return BUILT_INS[name]
     if name not in PRESETS:
         return None
     tried = []
@@ -60,7 +64,7 @@ def locate(name: str) -> Path | None:
 
 def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None = None) -> Model:
     """A checkpoint path (.pt, .safetensors, diffusers folder), a preset name whose file is in checkpoint_dirs(), or
-    None / "digits": the built-in model."""
+    None / "digits": the built-in model ("digits-teacher": its EDM teacher)."""
     if name_or_path is None:
         if not BUILT_IN.is_file():
             raise _built_in_missing(None)
@@ -74,6 +78,6 @@ def find(name_or_path: str | None, *, device="cpu", dtype=None, kind: str | None
     found = locate(name_or_path)
     if found is None:
         raise FileNotFoundError(f"checkpoint: {name_or_path!r} is neither a file or folder nor a preset name")
-    config = None if name_or_path == "digits" else name_or_path
+    config = None if name_or_path in BUILT_INS else name_or_path
     unet = load(found, config=config, device=device, dtype=dtype)
     return Model(name_or_path, unet, kind or PRESETS[name_or_path].kind)

@@ -15,7 +15,7 @@ from . import training
 from .backends import use_backend
 from .consistency import Denoiser
 from .models import CheckpointError, UNet, UNetConfig, load
-from .models.checkpoint import stage
+from .models.checkpoint import recorded_kind, stage
 from .outputs import Outputs
 
 OUTPUTS = ("state.pt", "model.safetensors")
@@ -41,11 +41,15 @@ class TrainConfig:
     ema_decay: float = 0.995
     checkpoint_every: int = 250
     teacher: str | None = None  # CD: path of the EDM teacher's checkpoint
+    # CD: where the student starts: "teacher" (its weights, as the reference's CD) or "fresh" (the reference's
+    # initialisation). On the digits, 1000 steps of a fresh student (lr 2e-4) gave smoother one-step samples than
+    # a teacher-started one (lr 1e-4): tools/digits_model.py uses fresh.
+    init: str = "teacher"
 
     def __post_init__(self):
         checks = {"method": training.METHODS, "distance": ("l2", "l1", "pseudo_huber"),
                   "n_schedule": ("doubling", "paper", "fixed"), "index_sampling": ("lognormal", "uniform"),
-                  "weighting": ("inverse_gap", "uniform"), "target": ("online", "ema")}
+                  "weighting": ("inverse_gap", "uniform"), "target": ("online", "ema"), "init": ("teacher", "fresh")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -78,6 +82,23 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def _teacher(path, unet_config: UNetConfig | None) -> UNet:
+    """CD's teacher: an EDM network; of the student's architecture `unet_config` when given (the student starts
+    from its weights)."""
+    from .pretrained import locate
+
+    file = Path(path) if Path(path).exists() else locate(str(path))  # a path, or a name ("digits-teacher")
+    if file is not None and recorded_kind(file) == "consistency":
+        raise ValueError(f"teacher: {path} is a consistency model; distillation needs an EDM teacher "
+                         "(cmfast train --method edm)")
+    teacher = load(path).eval()
+    # dropout aside: the reference's teachers train with it, their students without
+    if unet_config is not None and teacher.config.replace(dropout=unet_config.dropout) != unet_config:
+        raise ValueError(f"teacher: {path} is another architecture than the student's ({teacher.config} against "
+                         f"{unet_config}); the student starts from the teacher's weights, so they must match")
+    return teacher
+
+
 def reference_init_(unet: UNet) -> UNet:
     """Zero the layers the reference zero-initialises (each ResBlock's last conv, attention proj_out, out.2)."""
     with torch.no_grad():
@@ -106,7 +127,14 @@ class Run:
         if config.target == "ema" and config.method != "edm":
             self.target = UNet(unet_config).eval()
             self.target.load_state_dict(self.model.state_dict())
-        self.teacher = Denoiser(load(config.teacher).eval(), kind="edm") if config.method == "cd" else None
+        self.teacher = None
+        if config.method == "cd":
+            self.teacher = Denoiser(_teacher(config.teacher, unet_config if config.init == "teacher" else None),
+                                    kind="edm")
+            if config.init == "teacher":  # as the reference's CD: student, EMA and target start as the teacher
+                for module in (self.model, self.ema, self.target):
+                    if module is not None:
+                        module.load_state_dict(self.teacher.unet.state_dict())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.step = 0
         state_file = self.folder / "state.pt"
@@ -121,6 +149,8 @@ class Run:
 
     def _resume(self, state: dict) -> None:
         saved = json.loads(state["config"]) if isinstance(state.get("config"), str) else None
+        if isinstance(saved, dict):  # a field added since the run began has its default, which is what ran
+            saved = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)} | saved
         if saved != dataclasses.asdict(self.config):
             raise ValueError(f"config: {self.folder} holds a run with other settings ({saved}); use another folder")
         self.model.load_state_dict(state["model"])

@@ -176,10 +176,13 @@ def session(source: str, again: bool = False):
 
 
 def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...], default: str,
-           run: Callable[[str], object], *, elements: int, tune: bool = True):
+           run: Callable[[str], object], *, elements: int, tune: bool = True,
+           prepare: Callable[[str], None] | None = None):
     """(name, result): the candidate recorded for (op, key) on `device`, or, when none is and timing is allowed, the
     fastest of `candidates` by measurement (recorded); else `default`. `run(name)` performs the call with that
-    candidate and returns its result; the result returned is always the chosen candidate's."""
+    candidate and returns its result; the result returned is always the chosen candidate's. prepare(name), when
+    given, readies a candidate before each of its runs, outside the timing (the U-Net's weights to a layout: a
+    cost the steady state never pays)."""
     if len(candidates) < 2 or not enabled():
         return default, run(default)
     full = (op,) + key
@@ -193,27 +196,33 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
         return record["choice"], run(record["choice"])
     if not tune or elements < TINY_ELEMENTS or _busy(device):
         return default, run(default)
-    name, result, times = measure(device, candidates, run, default)
+    name, result, times = measure(device, candidates, run, default, prepare)
     if fresh is not None:
         fresh.add(full)
     remember(op, device, key, name, times, _session["source"], default)
     return name, result
 
 
-def measure(device: torch.device, candidates, run, default: str):
+def measure(device: torch.device, candidates, run, default: str, prepare=None):
     """(fastest name, its result, {name: ms}): each candidate run once to warm up, then timed in interleaved rounds
     (A B A B ...: a machine that slows down or speeds up meanwhile biases none of them), at least MIN_ROUNDS and
     while within BUDGET_S, at most MAX_ROUNDS; a candidate's best round counts. The fastest runs last, so the result
     handed back is its own."""
     stats["timed"] += 1
     result, spent = None, 0.0
+
+    def timed(name):
+        if prepare is not None:
+            prepare(name)
+        return _once(lambda: run(name), device)
+
     for name in candidates:  # first-call costs (primitive creation, weight packing, caches) are not the steady state
-        elapsed, result = _once(lambda: run(name), device)
+        elapsed, result = timed(name)
         spent += elapsed
     best = dict.fromkeys(candidates, float("inf"))
     for rounds in range(1, MAX_ROUNDS + 1):
         for name in candidates:
-            elapsed, result = _once(lambda: run(name), device)
+            elapsed, result = timed(name)
             best[name], spent = min(best[name], elapsed), spent + elapsed
         if rounds >= MIN_ROUNDS and spent > BUDGET_S:
             break
@@ -222,6 +231,8 @@ def measure(device: torch.device, candidates, run, default: str):
     if default in times and times[choice] > (1 - MARGIN) * times[default]:
         choice = default  # within the noise of the measurement: keep the fixed order's choice
     if choice != candidates[-1]:
+        if prepare is not None:
+            prepare(choice)
         result = run(choice)
     return choice, result, times
 

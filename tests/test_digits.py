@@ -1,7 +1,10 @@
 """The built-in digits model's commands: train (resumable), evaluate, demo, and sampling with no checkpoint."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cmfast import pretrained
@@ -35,12 +38,17 @@ def test_evaluate_reports_samples_beside_real_digits_and_noise(trained, capsys):
         assert row in out
 
 
-def test_demo_writes_its_pictures(trained, tmp_path):
+def test_demo_writes_its_pictures(trained, tmp_path, capsys):
     assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 0
     for name, rows in (("samples.png", 2), ("edits.png", 5)):
         with Image.open(tmp_path / name) as img:
-            assert img.mode == "RGB" and img.size[0] > 10 * 16 * 4 and img.size[1] > rows * 16 * 4
+            assert img.mode == "RGB" and img.size[0] > 10 * 16 * 4 and rows * 16 * 4 < img.size[1] < (rows + 1) * 16 * 4
     assert main(["demo", str(trained / "model.safetensors"), "--out", str(tmp_path)]) == 2  # no overwrite
+    capsys.readouterr()
+    assert main(["demo", "--out", str(tmp_path / "built-in")]) == 0  # the built-in model: its teacher's row too
+    assert "one step, two steps (80, " in (out := capsys.readouterr().out) and "teacher, Heun (35 calls)" in out
+    with Image.open(tmp_path / "built-in" / "samples.png") as img:
+        assert 3 * 16 * 4 < img.size[1] < 4 * 16 * 4
 
 
 def test_sample_with_no_checkpoint_uses_the_built_in_model(tmp_path):
@@ -56,20 +64,22 @@ def test_the_preset_name_digits_is_the_built_in_model(tmp_path):
         assert np.array_equal(named["arr_0"], default["arr_0"])
 
 
-def test_the_built_in_model_draws_the_digits_it_is_asked_for():
-    """One-step samples of the shipped weights, 10 per class, labelled by the real-digit classifier: `cmfast evaluate`
-    reports ~90% on 50 per class; far fewer means the weights or the network's numbers changed."""
-    import torch
+# Quality floors of the shipped weights, on 10 samples per class (seed 0). `make digits-model` scored them on 50 per
+# class (tools/digits_model.py's report); far below these means the weights or the network's numbers changed.
+FLOORS = {"digits": {"one-step samples": (0.9, 1.5), "two-step samples": (0.9, 1.5)},
+          "digits-teacher": {"Heun samples (18 levels)": (0.9, 1.5)}}
 
-    from cmfast import commands, digits
 
-    model = pretrained.find(None)
-    scorer = digits.Scorer(digits.load(model.unet.config.image_size))
-    with torch.no_grad():
-        images, labels = commands.digits_samples(model, 10, 0, [80.0])
-    recognised, _ = scorer.score(images, labels)
-    assert recognised >= 0.8, f"{recognised:.0%} of one-step samples recognised as asked"
+@pytest.mark.parametrize("name", FLOORS)
+def test_the_built_in_models_draw_the_digits_they_are_asked_for(name):
+    from cmfast import digits
 
+    model = pretrained.find(name)
+    assert model.kind == ("edm" if name == "digits-teacher" else "consistency")
+    scores = digits.evaluate(model, per_class=10, seed=0)
+    for row, (recognised, grain) in FLOORS[name].items():
+        assert scores[row].recognised >= recognised, f"{row}: {scores[row].recognised:.0%} recognised as asked"
+        assert scores[row].high_frequency <= grain, f"{row}: high-frequency energy {scores[row].high_frequency:.2f}x"
 
 
 def test_the_built_in_model_in_bf16_mode_draws_what_fp32_does(capsys):
@@ -78,13 +88,12 @@ def test_the_built_in_model_in_bf16_mode_draws_what_fp32_does(capsys):
     0.02 max on [-1, 1])."""
     import torch
 
-    from cmfast import commands
+    from cmfast import digits
 
     half = pretrained.find(None, dtype="bf16")
     assert half.unet.input_blocks[0][0].weight.dtype == torch.bfloat16
-    with torch.no_grad():
-        want, _ = commands.digits_samples(pretrained.find(None), 5, 0, [80.0])
-        got, _ = commands.digits_samples(half, 5, 0, [80.0])
+    want, _ = digits.samples(pretrained.find(None), 5, 0, [80.0])
+    got, _ = digits.samples(half, 5, 0, [80.0])
     diff = (got - want).abs()
     assert float(diff.mean()) < 0.5 / 127.5 and float(diff.max()) < 8 / 127.5, (float(diff.mean()), float(diff.max()))
     assert main(["evaluate", "--precision", "bf16", "--num-per-class", "2"]) == 0
@@ -117,3 +126,43 @@ def test_a_teacher_is_known_as_one_wherever_it_goes(tmp_path, capsys):
     assert "Heun samples (18 levels)" in capsys.readouterr().out
     consistency = pretrained.find(None)
     assert consistency.kind == "consistency"
+
+
+def test_the_recipe_at_small_size(tmp_path, capsys):
+    """tools/digits_model.py end to end with a few steps of each run: the teacher, CD from it and CT train, each is
+    scored from its fp16 file, the report holds every row and target, and the chosen model ships beside the
+    teacher, each with its kind; rerun, every run is already finished and the same files ship."""
+    import importlib.util
+
+    from cmfast.models.checkpoint import recorded_kind
+
+    spec = importlib.util.spec_from_file_location("digits_model", Path(__file__).parent.parent / "tools" /
+                                                  "digits_model.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    argv = ["--run", str(tmp_path / "run"), "--ship", str(tmp_path / "ship"), "--teacher-steps", "3", "--cd-steps",
+            "2", "--ct-steps", "2", "--batch", "4", "--per-class", "2"]
+    assert recipe.main(argv) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    for row in ("| teacher | Heun (18 levels) |", "| cd | one-step |", "| cd | two-step |", "| ct | one-step |",
+                "| one-step recognised |", "| Heun recognised |", "shipped as digits.safetensors: "):
+        assert row in report, row
+    ship = tmp_path / "ship"
+    assert recorded_kind(ship / "digits.safetensors") == "consistency"
+    assert recorded_kind(ship / "digits-teacher.safetensors") == "edm"
+    def shipped():  # tensors and metadata (safetensors orders the metadata differently from one write to another)
+        from safetensors import safe_open
+
+        files = {}
+        for path in sorted(ship.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as fh:
+                files[path.name] = (fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()})
+        return files
+
+    first = shipped()
+    assert recipe.main(argv) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    again = shipped()
+    assert set(again) == set(first) == {"digits.safetensors", "digits-teacher.safetensors"}
+    for name, (metadata, tensors) in first.items():
+        assert again[name][0] == metadata and all(torch.equal(again[name][1][k], t) for k, t in tensors.items())

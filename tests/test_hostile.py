@@ -485,3 +485,53 @@ def test_bad_recorded_kind(checkpoint, tmp_path, capsys):
     assert main(["sample", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "out")]) == 2
     assert "bad cmfast_kind metadata 'gan' (expected consistency or edm)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- convert --weights-dtype and train's teacher ----------------------------------------------------------------
+
+def test_convert_to_half_weights(checkpoint, tmp_path):
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        dst = tmp_path / f"m-{dtype}.safetensors"
+        assert main(["convert", checkpoint, str(dst), "--weights-dtype", dtype]) == 0
+        assert 0.45 < dst.stat().st_size / Path(checkpoint).stat().st_size < 0.55
+        want, got = cmfast.load(checkpoint).state_dict(), cmfast.load(dst).state_dict()
+        for key in want:  # loads as fp32 again, each weight rounded once to the half type
+            assert got[key].dtype == torch.float32 and torch.equal(got[key], want[key].to(torch_dtype).float()), key
+
+
+def test_convert_refuses_weights_a_half_type_cannot_hold(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(checkpoint, framework="pt") as fh:
+        metadata = fh.metadata()
+    state = load_file(checkpoint)
+    state["out.2.bias"] = torch.full_like(state["out.2.bias"], 1e6)
+    save_file(state, str(tmp_path / "big.safetensors"), metadata=metadata)
+    assert main(["convert", str(tmp_path / "big.safetensors"), str(tmp_path / "out" / "m.safetensors"),
+                 "--weights-dtype", "fp16"]) == 2
+    assert "weights_dtype: out.2.bias has values beyond what fp16 holds; store it in fp32" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the destination is touched
+    with pytest.raises(SystemExit):
+        main(["convert", checkpoint, str(tmp_path / "m.safetensors"), "--weights-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(ValueError, match="weights_dtype: expected one of fp32, fp16, bf16, got 'half'"):
+        cmfast.save(cmfast.load(checkpoint), tmp_path / "n.safetensors", weights_dtype="half")
+    assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_distillation_refuses_a_teacher_it_cannot_start_from(checkpoint, tmp_path, capsys):
+    """The student starts from the teacher's weights: a consistency model or another architecture is refused
+    before any training, and the run folder is not made."""
+    argv = [*TRAIN, "--method", "cd", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--teacher", checkpoint]) == 2  # the test_imagenet preset: not the digits network
+    assert "teacher: " in (err := capsys.readouterr().err) and "another architecture than the student's" in err
+    from cmfast.models import PRESETS, UNet
+
+    consistency = cmfast.save(UNet(PRESETS["digits"].unet), tmp_path / "c.safetensors", kind="consistency")
+    assert main([*argv, "--teacher", str(consistency)]) == 2
+    assert "is a consistency model; distillation needs an EDM teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--teacher", checkpoint, "--init", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

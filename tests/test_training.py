@@ -52,11 +52,13 @@ def _data(gen, n=16):
     return torch.rand(n, 3, 8, 8, generator=gen) * 2 - 1, torch.zeros(n, dtype=torch.long)
 
 
-@pytest.mark.parametrize("method", ["ct", "cd"])
+def _teacher(tmp_path, gen) -> str:
+    return str(cmfast.save(randomize_(UNet(TINY), gen), tmp_path / "teacher.safetensors", kind="edm"))
+
+
+@pytest.mark.parametrize("method", ["ct", "cd", "edm"])
 def test_one_step_lowers_the_loss(method, tmp_path, gen):
-    teacher = None
-    if method == "cd":
-        teacher = str(cmfast.save(randomize_(UNet(TINY), gen), tmp_path / "teacher.safetensors"))
+    teacher = _teacher(tmp_path, gen) if method == "cd" else None
     x, y = _data(gen)
     run = Run(tmp_path / "run", TrainConfig(method=method, steps=5, batch=16, lr=1e-4, teacher=teacher), TINY, x, y)
     randomize_(run.model, gen)
@@ -83,9 +85,47 @@ def test_gradients_through_the_ops(gen):
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(scale.grad, s2.grad, atol=1e-5)
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, gen):
+def test_the_teacher_loss_falls(tmp_path, gen):
+    """80 EDM steps on two images (the recipe's first stage at small size): the loss over fixed draws of batch,
+    levels and noise ends well below where it started."""
+    x, y = _data(gen, 8)
+    x = x[:2].repeat(4, 1, 1, 1)  # two images: a denoiser can learn them in a few dozen steps
+    run = Run(tmp_path / "run", TrainConfig(method="edm", steps=80, batch=8, lr=2e-3), TINY, x, y)
+
+    def probe():  # the mean over fixed draws of batch, levels and noise
+        with torch.no_grad():
+            return sum(run.loss(training.step_generator(7, k)).item() for k in range(8)) / 8
+
+    before = probe()
+    run.train(progress=False)
+    after = probe()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_distillation_starts_from_the_teacher(tmp_path, gen):
+    """As the reference's CD (init="teacher", the default): the student, its EMA and its target are the teacher's
+    weights at step 0; init="fresh" starts them as CT does, whatever the teacher."""
+    teacher = _teacher(tmp_path, gen)
     x, y = _data(gen)
-    config = TrainConfig(steps=4, batch=8, checkpoint_every=2)
+    want = cmfast.load(teacher).state_dict()
+    for target in ("online", "ema"):
+        run = Run(tmp_path / target, TrainConfig(method="cd", steps=2, batch=4, teacher=teacher, target=target),
+                  TINY, x, y)
+        for module in filter(None, (run.model, run.ema, run.target)):
+            for key, value in module.state_dict().items():
+                assert torch.equal(value, want[key]), key
+    fresh = Run(tmp_path / "fresh", TrainConfig(method="cd", steps=2, batch=4, teacher=teacher, init="fresh"), TINY, x, y)
+    ct = Run(tmp_path / "ct", TrainConfig(method="ct", steps=2, batch=4), TINY, x, y)
+    for (key, a), b in zip(fresh.model.state_dict().items(), ct.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert not all(torch.equal(a, want[k]) for k, a in fresh.model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["ct", "cd", "edm"])
+def test_resumed_run_equals_uninterrupted(method, tmp_path, gen):
+    x, y = _data(gen)
+    teacher = _teacher(tmp_path, gen) if method == "cd" else None
+    config = TrainConfig(method=method, steps=4, batch=8, checkpoint_every=2, teacher=teacher)
     whole = Run(tmp_path / "whole", config, TINY, x, y)
     whole.train(progress=False)
     part = Run(tmp_path / "part", config, TINY, x, y)

@@ -62,6 +62,26 @@ def test_default_kept_within_the_noise(tune):
     assert tuning.choose("toy", DEVICE, (2,), ("a", "b"), "a", run, elements=10**6)[0] == "a"
 
 
+def test_preparing_a_candidate_is_not_timed(tune):
+    """A switch between candidates (the U-Net's weights to another layout) costs what the steady state never pays:
+    prepare() runs before each run, outside the timing, and before the chosen candidate's final call."""
+    run, calls = sleepy({"a": 0.004, "b": 0.002})
+    state = {"ready": None}
+
+    def prepare(name):
+        time.sleep(0.01)  # far more than either run: timed, it would hide the difference
+        state["ready"] = name
+
+    def checked(name):
+        assert state["ready"] == name
+        return run(name)
+
+    name, result = tuning.choose("toy", DEVICE, (9,), ("a", "b"), "a", checked, elements=10**6, prepare=prepare)
+    assert (name, result) == ("b", "result of b")
+    times = tuning.recorded(("toy", 9), DEVICE)["times_ms"]
+    assert times["b"] < times["a"] < 9, times  # timed, the 10 ms preparation would count in both
+
+
 def test_tiny_calls_and_tune_off_keep_the_fixed_order(tune, monkeypatch):
     run, calls = sleepy({"a": 0.002, "b": 0.0})
     assert tuning.choose("toy", DEVICE, (3,), ("a", "b"), "a", run, elements=tuning.TINY_ELEMENTS - 1)[0] == "a"
@@ -183,6 +203,22 @@ def test_torch_compile_fullgraph_times_nothing(tune):
     assert tune()["timed"] == 0  # traced and run: the registered ops never time
     with torch.no_grad():
         torch.testing.assert_close(got, unet(x, t, y), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision, layout", [("fp32", "nchw"), ("bf16", "channels_last")])
+def test_the_layout_where_nothing_is_measured(tune, monkeypatch, precision, layout):
+    """CMFAST_TUNE=0: a model loaded without a layout runs NCHW in fp32 and channels_last in the half types (ties
+    of a measurement go the same way); its output is NCHW either way."""
+    monkeypatch.setenv("CMFAST_TUNE", "0")
+    torch.manual_seed(0)
+    unet = cmfast.UNet(PRESETS["test_imagenet"].unet).eval().set_precision(precision).set_channels_last(None)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    assert unet.fixed_layout() == layout
+    with torch.no_grad():
+        out = unet(torch.randn(1, 3, 16, 16), torch.tensor([5.0]), torch.tensor([3]))
+    assert out.is_contiguous() and getattr(unet, "_weights_cl", False) == (layout == "channels_last")
+    assert tune()["timed"] == 0
 
 
 # ---- the convolution alternatives against the reference --------------------------------------------------

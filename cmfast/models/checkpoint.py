@@ -204,11 +204,11 @@ def load(source, *, config=None, device="cpu", dtype=None, channels_last: bool |
     precision = _precision(dtype)
     device = parse_device(device)
     if isinstance(source, str) and not Path(source).exists():  # a name: the built-in model's or a preset's
-        from ..pretrained import locate
+        from ..pretrained import BUILT_INS, locate
 
         found = locate(source)
         if found is not None:
-            config = source if config is None and source != "digits" else config
+            config = source if config is None and source not in BUILT_INS else config
             source = found
     state, recorded = read(source)
     if isinstance(config, str):
@@ -253,20 +253,43 @@ def unrecorded(model: UNet) -> dict:
             if f != "dropout" and getattr(inferred, f) != getattr(model.config, f)}
 
 
-def stage(model: UNet, out, name: str | None, kind: str | None = None) -> None:
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def stored(state: dict, weights_dtype: str = "fp32") -> dict:
+    """The weights as a file holds them: on the CPU, contiguous, in fp32 or (half the size) fp16 / bf16; loading
+    gives fp32 again. A weight the half type cannot hold (beyond fp16's 65504) is an error, not an infinity."""
+    if weights_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"weights_dtype: expected one of {', '.join(STORAGE_DTYPES)}, got {weights_dtype!r}")
+    dtype = STORAGE_DTYPES[weights_dtype]
+    out = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu", torch.float32)
+        if value.is_floating_point():
+            value = value.to(dtype)
+            if not torch.isfinite(value).all():
+                raise ValueError(f"weights_dtype: {key} has values beyond what {weights_dtype} holds; store it in fp32")
+        out[key] = value.contiguous()
+    return out
+
+
+def stage(model: UNet, out, name: str | None, kind: str | None = None, weights_dtype: str = "fp32") -> None:
     """Write `model` to out's temporaries (a cmfast.outputs.Outputs): the file `name` (.pt or .safetensors), or,
     for None, a diffusers model's config.json and diffusion_pytorch_model.safetensors. kind ("consistency" or "edm",
-    what the network is) is recorded in a .safetensors file's metadata."""
+    what the network is) is recorded in a .safetensors file's metadata; weights_dtype: see stored()."""
+    _stage_stored(stored(model.state_dict(), weights_dtype), model.config, out, name, kind)
+
+
+def _stage_stored(state: dict, config, out, name: str | None, kind: str | None) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if name is None:
-        save_file(openai_to_diffusers(state, model.config), str(out.stage(DIFFUSERS_WEIGHTS[0])))
-        out.stage("config.json").write_text(json.dumps(diffusers_config(model.config), indent=2) + "\n")
+        save_file(openai_to_diffusers(state, config), str(out.stage(DIFFUSERS_WEIGHTS[0])))
+        out.stage("config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
     elif name.endswith(".pt"):
         torch.save(state, out.stage(name))
     else:
-        meta = {CONFIG_METADATA: json.dumps(model.config.__dict__), "format": "openai"}
+        meta = {CONFIG_METADATA: json.dumps(config.__dict__), "format": "openai"}
         if kind is not None:
             meta[KIND_METADATA] = kind
         save_file(state, str(out.stage(name)), metadata=meta)
@@ -283,18 +306,21 @@ def recorded_kind(path) -> str | None:
     return kind
 
 
-def save(model: UNet, dest, *, overwrite: bool | str = False, protect=(), kind: str | None = None) -> Path:
+def save(model: UNet, dest, *, overwrite: bool | str = False, protect=(), kind: str | None = None,
+         weights_dtype: str = "fp32") -> Path:
     """Write `model` as an openai `.pt`, a `.safetensors` (openai names, config in metadata) or, for a path without
     one of those suffixes, a diffusers model folder (config.json and diffusion_pytorch_model.safetensors; nothing
     else in the folder is touched). Through cmfast.outputs: checked first, written as a set or not at all.
     overwrite: False (refuse an existing file), True (replace the model's files), "own" (replace only files cmfast
-    wrote; the command line's --force). protect: paths (the source) that must not be replaced."""
+    wrote; the command line's --force). protect: paths (the source) that must not be replaced. weights_dtype: "fp32",
+    or "fp16" / "bf16" for a file of half the size (see stored())."""
     from ..outputs import Outputs
 
+    state = stored(model.state_dict(), weights_dtype)  # first: a bad type fails before the destination is touched
     dest = Path(dest)
     folder = dest.suffix not in (".pt", ".safetensors")
     names = ["config.json", DIFFUSERS_WEIGHTS[0]] if folder else [dest.name]
     with Outputs(dest if folder else dest.parent, names, replace=overwrite, what="destination", protect=protect) as out:
-        stage(model, out, dest.name if not folder else None, kind)
+        _stage_stored(state, model.config, out, dest.name if not folder else None, kind)
         out.commit()
     return dest

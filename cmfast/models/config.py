@@ -104,6 +104,7 @@ def _presets() -> dict[str, Preset]:
     found["digits"] = Preset("digits", UNetConfig(
         model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2), image_size=16, in_channels=1, out_channels=1,
         attention_resolutions=(4,), num_classes=10, num_head_channels=64, use_scale_shift_norm=True), "consistency")
+    found["digits-teacher"] = Preset("digits-teacher", found["digits"].unet, "edm")  # its teacher, shipped beside it
     return found
 
 

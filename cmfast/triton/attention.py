@@ -45,7 +45,7 @@ def _attention_kernel(qkv_ptr, out_ptr, T, heads, C, qk_scale, stride_qb, stride
     v_ptr = k_ptr + C * stride_qc
     q = tl.load(q_ptr + m[:, None] * stride_qt + d[None, :] * stride_qc, mask=(m < T)[:, None] & d_ok[None, :],
                 other=0.0)
-    if UPCAST:  # the interpreter's bf16 dot is wrong: products in fp32 there
+    if UPCAST:  # bf16 in Triton's CPU interpreter, whose bf16 dot is wrong (errors of 1e8 in Triton 3.9): fp32 there
         q = q.to(tl.float32)
     kt_offs = d[:, None] * stride_qc + n[None, :] * stride_qt  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = n[:, None] * stride_qt + d[None, :] * stride_qc  # V tile [BLOCK_N, BLOCK_D]
@@ -110,7 +110,8 @@ def attention(qkv, num_heads, out):
     _attention_kernel[(cdiv(T, block_m), pairs)](
         tokens, out_tokens, T, num_heads, channels, math.log2(math.e) / math.sqrt(head_dim),
         *tokens.stride(), *out_tokens.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=in_interpreter,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        UPCAST=in_interpreter and qkv.dtype == torch.bfloat16,  # compiled kernels never upcast
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
         enable_fp_fusion=FP_FUSION,
     )
