@@ -1,7 +1,7 @@
 """Choices by measurement (cmfast.tuning): the fastest candidate is taken and its result returned, choices are
 recorded on disk and reused by a second process without timing, a corrupt or foreign record file is ignored and
 rewritten, CMFAST_TUNE=0 gives the fixed order, forcing wins, and torch.compile times nothing. The convolution
-alternatives it chooses between (conv, packed, matmul) agree with the reference in every precision."""
+alternatives it chooses between (conv, packed, matmul, winograd) agree with the reference in every precision."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import cmfast
 from cmfast import backends, tuning
-from cmfast.models import PRESETS
+from cmfast.models import PRESETS, winograd
 from cmfast.models.conv import Conv2d, packed_available
 from cmfast.ops import IMPLEMENTED
 
@@ -257,6 +257,8 @@ def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, ge
     assert "matmul" in names if k == 1 else "matmul" not in names
     if layout == "channels_last" and packed_available():
         assert "packed" in names
+    if layout == "channels_last" and k == 3 and dtype == torch.float32 and winograd.available():
+        assert "winograd" in names
     for how in names:
         got = conv._run(x, add, how)
         assert got.dtype == dtype and got.shape == out_shape

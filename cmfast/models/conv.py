@@ -7,9 +7,13 @@
   outweigh the activations (2 Sapphire Rapids cores, bf16, 1x768x8x8 3x3: 1.44 ms eager, 0.48 ms packed), and
   at other shapes costs (4x384x64x64 bf16 3x3: 36 ms eager, 99 ms packed), hence a measured choice per shape;
 - "matmul" (1x1 convolutions: attention's qkv and proj_out, the skip connections): the same product as a matrix
-  multiplication on the same weights, as diffusers runs its attention projections.
+  multiplication on the same weights, as diffusers runs its attention projections;
+- "winograd" (CPU, fp32, channels_last, 3x3 stride 1 padding 1: the ResBlocks' and Upsample's convolutions):
+  Winograd's F(2x2, 3x3) algorithm (cmfast/models/winograd.py), 2.25x fewer multiplications.
 
-All three compute the same sums (fp32 accumulation; only the order of additions differs). Under autograd,
+The first three compute the same sums (fp32 accumulation; only the order of additions differs); Winograd's
+transforms round differently, by no more than the direct sum's own rounding in fp32 (2-3e-6 against float64
+where oneDNN's direct sum is at 1e-5, on unit-scale ImageNet-64 activations). Under autograd,
 torch.compile or export, and with the reference backend forced for every op, the module is a plain nn.Conv2d.
 """
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends, tuning
+from . import winograd
 
 
 @functools.cache
@@ -41,6 +46,7 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (the same parameters and state-dict names) whose inference calls run the measured-fastest way."""
 
     _packed: tuple | None = None  # (input shape, weight identity, packed weight) for "packed"
+    _winograd: tuple | None = None  # (weight identity, transformed filters) for "winograd"
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         names = ["conv"]
@@ -50,6 +56,9 @@ class Conv2d(nn.Conv2d):
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _channels_last(x)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and packed_available()):
             names.append("packed")
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and _channels_last(x) and winograd.applies(self)
+                and winograd.available()):
+            names.append("winograd")
         return tuple(names)
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,18 +69,24 @@ class Conv2d(nn.Conv2d):
             return out if add is None else add + out
         candidates = self.candidates(x)
         if add is not None and add.stride() != _output_strides(x, add):
-            candidates = tuple(c for c in candidates if c != "packed")  # the fused add wants the output's layout
+            candidates = tuple(c for c in candidates if c not in ("packed", "winograd"))  # they fuse the add in place
         key = (x.dtype, x.is_contiguous(), tuple(x.shape), tuple(self.weight.shape), self.stride, self.padding,
                self.groups, add is not None, torch.get_num_threads())
         name, out = tuning.choose("conv2d", x.device, key, candidates, "conv", functools.partial(self._run, x, add),
                                   elements=x.numel() + self.weight.numel())
-        if name != "packed":
-            self._packed = None  # only the modules that run packed keep a second copy of their weights
+        # Only the modules that run packed or Winograd keep those second copies of their weights (kept where this
+        # class of call could not run them: the layout measurement alternates NCHW and channels_last calls).
+        if name != "packed" and "packed" in candidates:
+            self._packed = None
+        if name != "winograd" and "winograd" in candidates:
+            self._winograd = None
         return out
 
     def _run(self, x: torch.Tensor, add: torch.Tensor | None, how: str) -> torch.Tensor:
         if how == "packed":
             return self._packed_conv(x, add)
+        if how == "winograd":
+            return winograd.conv3x3(x, self._winograd_filters(), self.bias, add)
         out = self._matmul(x) if how == "matmul" else super().forward(x)
         return out if add is None else out.add_(add)  # in place on the fresh output: add + out, no new buffer
 
@@ -87,9 +102,27 @@ class Conv2d(nn.Conv2d):
             out += self.bias.view(-1, 1)
         return out.view(batch, -1, height, width)
 
+    def relaid(self) -> None:
+        """The weights were put in another memory layout, their values unchanged (UNet.set_channels_last): what was
+        derived from them still holds (the layout measurement flips the layout before each timed call)."""
+        identity = self._identity()
+        if self._winograd is not None:
+            self._winograd = (identity, self._winograd[1])
+        if self._packed is not None:
+            self._packed = (self._packed[0], identity, self._packed[2])
+
+    def _identity(self) -> tuple:
+        return (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+
+    def _winograd_filters(self) -> torch.Tensor:
+        identity = self._identity()
+        if self._winograd is None or self._winograd[0] != identity:
+            self._winograd = (identity, winograd.filters(self.weight))
+        return self._winograd[1]
+
     def _packed_conv(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
         shape = tuple(x.shape)
-        identity = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)
+        identity = self._identity()
         if self._packed is None or self._packed[:2] != (shape, identity):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape))

@@ -292,6 +292,9 @@ class UNet(PrecisionMoves, nn.Module):
     def _weights_layout(self, channels_last: bool) -> None:
         if getattr(self, "_weights_cl", False) != channels_last:  # a no-op when already so (CUDA-graph capture)
             self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            for module in self.modules():
+                if isinstance(module, Conv2d):
+                    module.relaid()
             self._weights_cl = channels_last
 
     def layout_key(self, x: torch.Tensor, y) -> tuple:

@@ -1,0 +1,125 @@
+"""The Winograd F(2x2, 3x3) convolution (cmfast/models/winograd.py, csrc/winograd.cpp) against the direct convolution
+in float64: the algorithm in torch ops, the compiled transforms in chunks (odd sizes, a last partial chunk, bias,
+residual), a real ImageNet-64 shape, the cached filters following the weights, and where the U-Net may choose it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cmfast
+from cmfast.models import PRESETS, winograd
+from cmfast.models.conv import Conv2d
+
+compiled = pytest.mark.skipif(not winograd.available(), reason="cmfast._C (the compiled transforms) is not built")
+
+
+def direct(x, weight, bias, add=None):
+    out = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    return out if add is None else out + add.double()
+
+
+def random_conv(cin, cout, gen, bias=True):
+    weight = torch.randn(cout, cin, 3, 3, generator=gen) / (3 * cin**0.5)
+    return weight, (torch.randn(cout, generator=gen) if bias else None)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 8, 8), (2, 6, 9, 4)], ids=str)
+def test_the_algorithm_is_the_convolution(shape, gen):
+    """In float64 the transforms are exact up to rounding far below fp32's: the algorithm itself is right."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    weight, bias = random_conv(shape[1], 5, gen)
+    got = winograd.reference(x, winograd.filters(weight.double()), bias.double())
+    torch.testing.assert_close(got, direct(x, weight, bias), rtol=1e-12, atol=1e-12)
+
+
+@compiled
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("with_add", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape, cout", [((1, 3, 1, 1), 4), ((2, 5, 7, 9), 7), ((3, 20, 10, 6), 36), ((1, 33, 16, 16), 17)],
+                         ids=str)
+def test_compiled_transforms_in_chunks(shape, cout, with_add, with_bias, gen, monkeypatch):
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # the smallest chunks (16 tiles): many, the last one partial
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = random_conv(shape[1], cout, gen, with_bias)
+    out_shape = (shape[0], cout, *shape[2:])
+    add = torch.randn(out_shape, generator=gen).contiguous(memory_format=torch.channels_last) if with_add else None
+    u = winograd.filters(weight)
+    got = winograd.conv3x3(x, u, bias, add)
+    assert got.shape == out_shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), direct(x, weight, bias, add), rtol=1e-5, atol=1e-5)
+    algorithm = winograd.reference(x, u, bias) + (0 if add is None else add)
+    torch.testing.assert_close(got, algorithm, rtol=1e-6, atol=1e-6)  # the same additions, in another order
+
+
+@compiled
+def test_a_real_shape_is_as_close_as_the_direct_convolution(gen):
+    """ImageNet-64's first ResBlock conv (192 channels, 64x64) in fp32: no further from the float64 result than
+    torch's own fp32 convolution is."""
+    x = torch.randn(1, 192, 64, 64, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = random_conv(192, 192, gen)
+    want = direct(x, weight, bias)
+    err = (winograd.conv3x3(x, winograd.filters(weight), bias).double() - want).abs().max().item()
+    err_direct = (F.conv2d(x, weight, bias, padding=1).double() - want).abs().max().item()
+    assert err < max(2 * err_direct, 1e-5), (err, err_direct)
+
+
+@compiled
+def test_the_raw_ops_refuse_what_they_would_misindex(gen):
+    x = torch.randn(1, 4, 6, 6, generator=gen)  # NCHW
+    v = torch.empty(16, 9, 4)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        torch.ops.cmfast_C.winograd_input(x, 0, v)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.cmfast_C.winograd_input(x, 1, v)  # 9 tiles from tile 1: one past the end
+    with pytest.raises(RuntimeError, match="16, tiles, channels"):
+        torch.ops.cmfast_C.winograd_input(x, 0, torch.empty(16, 9, 5))
+    y = torch.empty(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="add"):
+        torch.ops.cmfast_C.winograd_output(v, None, torch.empty(1, 4, 6, 6), 0, y)  # the residual in NCHW
+
+
+@compiled
+def test_the_filters_follow_the_weights(gen):
+    conv = Conv2d(8, 8, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert "winograd" in conv.candidates(x)
+    first = conv._run(x, None, "winograd")
+    with torch.no_grad():
+        conv.weight.mul_(2)  # in place: the transformed filters must be renewed
+    torch.testing.assert_close(conv._run(x, None, "winograd"), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert not torch.allclose(first, conv._run(x, None, "winograd"))
+
+
+@compiled
+def test_where_the_unet_may_choose_it(gen):
+    def candidates(conv, dtype, channels_last=True, size=8):
+        x = torch.randn(1, conv.in_channels, size, size, generator=gen).to(dtype)
+        return conv.candidates(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+    conv = Conv2d(8, 8, 3, padding=1)
+    assert "winograd" in candidates(conv, torch.float32)
+    assert "winograd" not in candidates(conv, torch.float32, channels_last=False)
+    assert "winograd" not in candidates(conv.to(torch.bfloat16), torch.bfloat16)  # fp32 only (see the module)
+    assert "winograd" not in candidates(Conv2d(8, 8, 3, stride=2, padding=1), torch.float32)  # Downsample
+    assert "winograd" not in candidates(Conv2d(8, 8, 1), torch.float32)
+
+
+@compiled
+def test_a_layout_flip_keeps_the_filters(monkeypatch):
+    """set_channels_last moves the weights without changing them: the filters are not transformed again (the
+    layout measurement flips the layout before every timed call)."""
+    torch.manual_seed(3)
+    unet = cmfast.UNet(PRESETS["test_imagenet"].unet).eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+        p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.dim() > 1 else 3))
+    convs = [m for m in unet.modules() if isinstance(m, Conv2d) and winograd.applies(m)]
+    unet.set_channels_last(True)
+    for conv in convs:
+        conv._winograd_filters()
+    kept = [conv._winograd[1] for conv in convs]
+    unet.set_channels_last(False)
+    unet.set_channels_last(True)
+    monkeypatch.setattr(winograd, "filters", lambda weight: pytest.fail("the filters were transformed again"))
+    assert convs and all(conv._winograd_filters() is u for conv, u in zip(convs, kept))
