@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,24 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cmfast.tuning import cpu_name
+
 
 # ---- the machine ---------------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def device_slug(device: torch.device) -> str:

@@ -71,19 +71,8 @@ def met(target, scores: dict) -> tuple[float, float, bool]:
     return value, bound, value >= bound if sign == ">=" else value <= bound
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "an unknown CPU"
-
-
 def report(results: dict, minutes: dict, chosen: str, threads: int) -> str:
+    from cmfast.tuning import cpu_name  # imported by main from this checkout
     lines = ["| model | sampler | recognised | Frechet distance | high-frequency energy |", "|---|---|---:|---:|---:|"]
     for name, scores in results.items():
         for row, s in scores.items():
