@@ -53,23 +53,32 @@ class World:
         return self.rank == 0
 
 
-def world(device_type: str | None = None) -> World:
-    """This process's place: from an initialised torch.distributed, else from torchrun's environment (the process
-    group is then initialised here: NCCL for CUDA, gloo for the CPU), else a world of one."""
+@contextlib.contextmanager
+def world(device_type: str | None = None):
+    """This process's place (a World) for the length of a job: from an initialised torch.distributed (the caller's
+    group, left as it is), else from torchrun's environment, else a world of one. From torchrun's environment the
+    process group is initialised here (NCCL for CUDA, gloo for the CPU) and destroyed at the end: a process that
+    exits with a live gloo group can abort in its teardown ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if not dist.is_available() or (not dist.is_initialized() and size == 1):
-        return World()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    if not dist.is_initialized():
-        cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        if cuda:  # NCCL's collectives (the status objects included) go through the current GPU: this process's own
-            torch.cuda.set_device(local_rank)
-        # The processes meet only at the start and the end, and the end waits for the slowest one's share: a long
-        # timeout, so that an uneven share is not taken for a hang (a process that dies ends the job through torchrun).
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank)
+    if not dist.is_available() or (not dist.is_initialized() and size == 1):
+        yield World()
+        return
+    if dist.is_initialized():
+        yield World(dist.get_rank(), dist.get_world_size(), local_rank)
+        return
+    cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if cuda:  # NCCL's collectives (the status objects included) go through the current GPU: this process's own
+        torch.cuda.set_device(local_rank)
+    # The processes meet only at the start and the end, and the end waits for the slowest one's share: a long
+    # timeout, so that an uneven share is not taken for a hang (a process that dies ends the job through torchrun).
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    try:
+        yield World(dist.get_rank(), dist.get_world_size(), local_rank)
+    finally:
+        dist.destroy_process_group()
 
 
 def process_device(device: torch.device) -> torch.device:
@@ -172,7 +181,6 @@ def sample_to_folder(model, out, *, num: int, batch: int, seed: int = 0, sigmas=
     the others. Raises on every process if any process fails (naming it); finished shards stay for a rerun."""
     if not (isinstance(num, int) and isinstance(batch, int) and num >= 1 and batch >= 1):
         raise ValueError(f"num and batch: expected positive counts, got {num!r} and {batch!r}")
-    w = world(model.unet.device.type)
     out = Path(out)
     if sigmas is None:
         sigmas = schedules.karras_sigmas(40) if model.kind == "edm" else [sampling.SIGMA_MAX]
@@ -184,6 +192,7 @@ def sample_to_folder(model, out, *, num: int, batch: int, seed: int = 0, sigmas=
     shards = out / SHARDS
 
     with contextlib.ExitStack() as stack:
+        w = stack.enter_context(world(model.unet.device.type))
         folder, plan, refused = None, None, None
         if w.main:  # takes the folder for the whole job; the other processes write only their shards into it
             try:

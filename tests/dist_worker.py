@@ -1,10 +1,14 @@
 """`cmfast` as torchrun runs it, with a fault injected into one process (tests/test_distributed.py):
   CMFAST_TEST_STOP="SIGNAL:K:RANK"  the process of that rank sends itself SIGNAL after writing its K-th shard;
-  CMFAST_TEST_FAIL=RANK             the process of that rank raises in its first batch."""
+  CMFAST_TEST_FAIL=RANK             the process of that rank raises in its first batch.
+Every process exits non-zero if cmfast left the process group it created initialised: a live gloo group can abort a
+process's exit (at random: "terminate called without an active exception")."""
 
 import os
 import signal
 import sys
+
+import torch.distributed as dist
 
 from cmfast import distributed, sampling
 from cmfast.cli import main
@@ -30,4 +34,8 @@ if os.environ.get("CMFAST_TEST_FAIL") == rank:
 
     sampling.sample = fail
 
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+if dist.is_initialized():
+    print(f"process {rank}: the process group is still initialised after the command", file=sys.stderr)
+    code = code or 3
+sys.exit(code)

@@ -155,6 +155,20 @@ def test_the_python_function_checks_its_input(tmp_path):
     assert written == tmp_path / "out" / "samples.npz" and arrays(tmp_path / "out")["arr_0"].shape == (3, 16, 16, 1)
 
 
+def test_a_process_group_of_the_caller_is_left_as_it_was(tmp_path, one_process):
+    import torch.distributed as dist
+
+    from cmfast import distributed, pretrained
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        distributed.sample_to_folder(pretrained.find(None), tmp_path / "out", num=12, batch=2, progress=False)
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    same(tmp_path / "out", one_process)
+
+
 def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     import torch
 
