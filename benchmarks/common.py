@@ -130,19 +130,21 @@ class Session:
         return sorted(set(self.dtypes) | {torch.float32}, key=str)  # fp32: the U-Net's embeddings and head
 
     # timing budgets: kernels take microseconds to milliseconds, whole models up to tens of seconds on a CPU
+    TIMINGS = {  # (what, on a GPU): its Timing; --quick: QUICK for everything
+        ("kernel", True): Timing(warmup=3, min_reps=25, min_seconds=0.1),
+        ("kernel", False): Timing(warmup=3, min_reps=10, min_seconds=0.3),
+        ("model", True): Timing(warmup=2, min_reps=5, min_seconds=0.2),
+        ("model", False): Timing(warmup=1, min_reps=3, min_seconds=0.0),
+    }
+    QUICK = Timing(warmup=1, min_reps=3, min_seconds=0.0)
+
     @property
     def kernel_timing(self) -> Timing:
-        if self.quick:
-            return Timing(warmup=1, min_reps=3, min_seconds=0.0)
-        return Timing(warmup=3, min_reps=25, min_seconds=0.1) if self.gpu else Timing(warmup=3, min_reps=10,
-                                                                                       min_seconds=0.3)
+        return self.QUICK if self.quick else self.TIMINGS["kernel", self.gpu]
 
     @property
     def model_timing(self) -> Timing:
-        if self.quick:
-            return Timing(warmup=1, min_reps=3, min_seconds=0.0)
-        return Timing(warmup=2, min_reps=5, min_seconds=0.2) if self.gpu else Timing(warmup=1, min_reps=3,
-                                                                                      min_seconds=0.0)
+        return self.QUICK if self.quick else self.TIMINGS["model", self.gpu]
 
     def compile(self, fn, mode: str = "default"):
         """torch.compile of `fn` as a user would write it: static shapes on the CPU (each call site of the U-Net has

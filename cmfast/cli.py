@@ -59,17 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    info = sub.add_parser(
-        "info",
+    info = _command(sub, "info", _info,
         help="versions, compiled parts, and the backend each op will use",
         description="Print the torch/triton/CUDA versions, whether cmfast._C has its CPU and CUDA parts, "
         "and which backend each op runs on for CPU and (if present) CUDA tensors, with the reason.",
     )
     info.add_argument("--choices", action="store_true",
                       help="list every choice recorded by measurement, with its timings (else a summary per op)")
-    info.set_defaults(func=_info)
-    convert = sub.add_parser(
-        "convert",
+    convert = _command(sub, "convert", _convert,
         help="convert a U-Net checkpoint between openai .pt, .safetensors and diffusers folder",
         description="Read SRC (openai .pt state dict, .safetensors with openai or diffusers names, or a diffusers "
         "model folder) and write DST in the format its name says: NAME.pt (openai state dict), NAME.safetensors "
@@ -85,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "again; fp16 keeps more digits, bf16 more range)")
     convert.add_argument("--force", action="store_true",
                          help="replace DST's model files if cmfast wrote them (nothing else in a folder is touched)")
-    convert.set_defaults(func=_convert)
     _add_sample(sub)
     _add_edit(sub)
     _add_training(sub)
@@ -93,9 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(sub, name: str, func, **texts) -> argparse.ArgumentParser:
+    """The parser of sub-command `name` (help=, description=), which runs func(args)."""
+    p = sub.add_parser(name, **texts)
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_tune(sub) -> None:
-    p = sub.add_parser(
-        "tune",
+    p = _command(sub, "tune", _run("run_tune"),
         help="measure a model's calls ahead of time and record the fastest way to run each",
         description="Run one forward of the model at each batch size, precision and layout with every class of call "
         "(each op and convolution at its shape, dtype and layout) timed on each of its exact implementations, record "
@@ -111,7 +113,6 @@ def _add_tune(sub) -> None:
                    help="memory layout(s) to measure (default both, and say which is faster)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--again", action="store_true", help="measure anew what was recorded before, replacing it")
-    p.set_defaults(func=_run("run_tune"))
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -130,8 +131,7 @@ def _schedule_options(p: argparse.ArgumentParser, steps_help: str) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser(
-        "sample",
+    p = _command(sub, "sample", _run("run_sample"),
         help="generate images: one step, multistep, or Heun for EDM teachers",
         description="Sample N images and write OUT/samples.npz (the reference's format: arr_0 uint8 NHWC, arr_1 "
         "labels for class-conditional models) and OUT/grid.png. A seed fixes every sample's noise and label whatever "
@@ -152,12 +152,10 @@ def _add_sample(sub) -> None:
     _schedule_options(p, "network calls for consistency models (default 1; 2 uses the tuned schedule where the "
                          "checkpoint has one); grid points of Heun for EDM teachers (default 40)")
     _model_options(p)
-    p.set_defaults(func=_run("run_sample"))
 
 
 def _add_edit(sub) -> None:
-    p = sub.add_parser(
-        "edit",
+    p = _command(sub, "edit", _run("run_edit"),
         help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate",
         description="Edit an image with a consistency model (paper Algorithm 4) and write OUT/TASK.png and "
         "OUT/TASK_before_after.png. The image must have the model's size (superres: also size / factor). "
@@ -177,12 +175,10 @@ def _add_edit(sub) -> None:
     p.add_argument("--class-label", type=int, default=None, help="class for class-conditional models")
     _schedule_options(p, "network calls (default: every grid index)")
     _model_options(p)
-    p.set_defaults(func=_run("run_edit"))
 
 
 def _add_training(sub) -> None:
-    p = sub.add_parser(
-        "train",
+    p = _command(sub, "train", _run("run_train"),
         help="consistency training/distillation on scikit-learn's bundled digits",
         description="Train a model of the ADM family on the handwritten digits bundled with scikit-learn (no "
         "download). Checkpoints go to OUT every --checkpoint-every steps (model.safetensors: the EMA weights, which "
@@ -214,9 +210,8 @@ def _add_training(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--force", action="store_true",
                    help="start afresh in a folder holding a model.safetensors that cmfast wrote (without state.pt)")
-    p.set_defaults(func=_run("run_train"))
 
-    p = sub.add_parser("evaluate", help="score a digits model against real digits and noise",
+    p = _command(sub, "evaluate", _run("run_evaluate"), help="score a digits model against real digits and noise",
                        description="Sample --num-per-class images of every digit in one and two steps and report "
                        "the share a classifier trained on real digits recognises as the requested class, and a "
                        "Frechet distance to held-out real digits, beside real digits and uniform noise.")
@@ -226,9 +221,8 @@ def _add_training(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="sample in fp32 or in the reference's mixed mode with fp16/bf16 block convolutions (what "
                    "a half type costs in quality)")
-    p.set_defaults(func=_run("run_evaluate"))
 
-    p = sub.add_parser("demo", help="the built-in model at work: samples, inpainting, denoising as PNG files",
+    p = _command(sub, "demo", _run("run_demo"), help="the built-in model at work: samples, inpainting, denoising as PNG files",
                        description="Write OUT/samples.png (a sample of each digit, one step and two steps; a column "
                        "per digit, titled) and OUT/edits.png (real digits, their top half erased and inpainted, "
                        "noised and denoised; each row labelled) with the built-in digits model.")
@@ -239,7 +233,6 @@ def _add_training(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ts", default=None, help=argparse.SUPPRESS)
     p.add_argument("--grid", type=int, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(func=_run("run_demo"))
 
 
 def _run(name: str):

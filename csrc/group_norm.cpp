@@ -189,29 +189,8 @@ Problem check_problem(const at::Tensor& x, const std::optional<at::Tensor>& weig
   return {batch, channels, spatial, num_groups, w, bi, s, sh, static_cast<float>(eps), silu};
 }
 
-void group_norm_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
-                    const at::Tensor& out) {
-  bool channels_last = false;
-  const Problem p = check_problem(x, weight, bias, scale, shift, num_groups, eps, silu, out, channels_last);
-  if (x.numel() == 0) return;
-  dispatch_float(x.scalar_type(), "group_norm", [&](auto t) {
-    using T = decltype(t);
-    const T* xp = x.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
-    channels_last ? group_norm_nhwc(xp, op, p) : group_norm_nchw(xp, op, p);
-  });
-}
-
 #ifdef CMFAST_WITH_CUDA
-void group_norm_gpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
-                    const at::Tensor& out) {
-  bool channels_last = false;
-  const Problem p = check_problem(x, weight, bias, scale, shift, num_groups, eps, silu, out, channels_last);
-  if (x.numel() == 0) return;
+void group_norm_gpu(const at::Tensor& x, const Problem& p, bool channels_last, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const GroupNormShape shape{p.batch, p.channels, p.spatial, p.groups, channels_last};
   const GroupNormPlan plan = group_norm_cuda_plan(kernel_dtype(x), shape, x.const_data_ptr(), out.data_ptr());
@@ -225,6 +204,26 @@ void group_norm_gpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
                "group_norm");
 }
 #endif
+
+// The op on either device: its checks, then the kernels of x's device (registered for CPU and CUDA).
+void group_norm_out(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
+                    const at::Tensor& out) {
+  bool channels_last = false;
+  const Problem p = check_problem(x, weight, bias, scale, shift, num_groups, eps, silu, out, channels_last);
+  if (x.numel() == 0) return;
+#ifdef CMFAST_WITH_CUDA
+  if (x.is_cuda()) return group_norm_gpu(x, p, channels_last, out);
+#endif
+  TORCH_CHECK(x.is_cpu(), "group_norm: no compiled kernel for device ", x.device());
+  dispatch_float(x.scalar_type(), "group_norm", [&](auto t) {
+    using T = decltype(t);
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    channels_last ? group_norm_nhwc(xp, op, p) : group_norm_nchw(xp, op, p);
+  });
+}
 
 }  // namespace
 
@@ -251,14 +250,7 @@ at::Tensor group_norm(const at::Tensor& x, const std::optional<at::Tensor>& weig
     if (!t.has_value() || !t->defined() || (t->scalar_type() == at::kFloat && t->is_contiguous())) return t;
     return t->to(at::kFloat).contiguous();
   };
-#ifdef CMFAST_WITH_CUDA
-  if (xk.is_cuda()) {
-    group_norm_gpu(xk, f32(weight), f32(bias), f32(scale), f32(shift), num_groups, eps, silu, out);
-    return out;
-  }
-#endif
-  TORCH_CHECK(xk.is_cpu(), "group_norm: no compiled kernel for device ", xk.device());
-  group_norm_cpu(xk, f32(weight), f32(bias), f32(scale), f32(shift), num_groups, eps, silu, out);
+  group_norm_out(xk, f32(weight), f32(bias), f32(scale), f32(shift), num_groups, eps, silu, out);
   return out;
 }
 
@@ -270,8 +262,8 @@ TORCH_LIBRARY_FRAGMENT(cmfast_C, m) {
       "bool silu, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("group_norm", &cmfast::group_norm_cpu); }
+TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("group_norm", &cmfast::group_norm_out); }
 
 #ifdef CMFAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(cmfast_C, CUDA, m) { m.impl("group_norm", &cmfast::group_norm_gpu); }
+TORCH_LIBRARY_IMPL(cmfast_C, CUDA, m) { m.impl("group_norm", &cmfast::group_norm_out); }
 #endif

@@ -116,6 +116,22 @@ __device__ __forceinline__ float block_sum(float v) {
   return total;
 }
 
+// f(i, offset, channel) for each packet i < ITEMS of this thread that lies in [begin, end) (unrolled: i is a
+// constant in each copy, so arrays indexed by it stay in registers).
+template <int ITEMS, typename Layout, typename F>
+__device__ __forceinline__ void for_each_held(const Layout& layout, const Params& p, uint32_t begin, uint32_t end,
+                                              F&& f) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const uint32_t q = begin + threadIdx.x + i * kThreads;
+    if (q < end) {
+      int64_t offset, channel;
+      layout.locate(p, q, offset, channel);
+      f(i, offset, channel);
+    }
+  }
+}
+
 // This block's packets [begin, end) of group bg, held in registers: their sum, the group mean, their squared
 // deviations from it, then normalised and written. `group_total(v, slot)` turns the block's total v (slot 0: of
 // the values, 1: of the squared deviations) into the group's: the identity when the block has the whole group.
@@ -127,17 +143,11 @@ __device__ __forceinline__ void normalise_held(const Params& p, int64_t bg, uint
   const T* x = static_cast<const T*>(p.x);
   Pack v[ITEMS];
   float sum = 0.0f;
+  for_each_held<ITEMS>(layout, p, begin, end, [&](int i, int64_t offset, int64_t) {
+    v[i] = *reinterpret_cast<const Pack*>(x + offset);
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = begin + threadIdx.x + i * kThreads;
-    if (q < end) {
-      int64_t offset, channel;
-      layout.locate(p, q, offset, channel);
-      v[i] = *reinterpret_cast<const Pack*>(x + offset);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
-    }
-  }
+    for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
+  });
   const float n = float(p.packets) * VEC;
   const float mean = group_total(block_sum(sum), 0) / n;
   float squares = 0.0f;
@@ -154,15 +164,9 @@ __device__ __forceinline__ void normalise_held(const Params& p, int64_t bg, uint
   const float rstd = inv_std({n, mean, group_total(block_sum(squares), 1)}, p.eps);
   T* out = static_cast<T*>(p.out);
   const int64_t b = bg / p.groups;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const uint32_t q = begin + threadIdx.x + i * kThreads;
-    if (q < end) {
-      int64_t offset, channel;
-      layout.locate(p, q, offset, channel);
-      *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
-    }
-  }
+  for_each_held<ITEMS>(layout, p, begin, end, [&](int i, int64_t offset, int64_t channel) {
+    *reinterpret_cast<Pack*>(out + offset) = normalise<T, VEC, CL>(p, v[i], b, channel, mean, rstd);
+  });
 }
 
 template <typename T, int VEC, bool CL, int ITEMS>
