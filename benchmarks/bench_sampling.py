@@ -31,7 +31,7 @@ import gc
 import importlib.util
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -84,16 +84,6 @@ class Models:
     pipe_cl: object = None  # the pipeline with the channels_last UNet2DModel inside
     diffusers_cl: object = None  # a copy in channels_last (what a user tuning it on a CPU or GPU tries first)
     autocast: object = None  # for half dtypes: a float32 copy in channels_last, run under torch.autocast
-    warm: set = field(default_factory=set)  # (eager U-Net "cmfast" / "diffusers", batch) already run on this CPU
-
-    def timing(self, session, model: str, batch: int):
-        """The session's model timing, without warm-up calls for an eager U-Net this run already called at this
-        batch on the CPU (a warm-up there costs seconds to tens of seconds; on a GPU they are cheap, so kept)."""
-        timing = session.model_timing
-        if session.gpu or (model, batch) not in self.warm:
-            self.warm.add((model, batch))
-            return timing
-        return replace(timing, warmup=0)
 
 
 def build(spec, session, dtype) -> Models:
@@ -237,17 +227,16 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
     shape = f"{models.preset}:{batch}x3x{models.image_size}x{models.image_size}"
     flop = analysis.flop_per_image * batch
 
-    def record(provider, fn, note="", work=flop, model=None):
-        timing = models.timing(session, model, batch) if model else session.model_timing
+    def record(provider, fn, note="", work=flop):
         session.record("unet_forward", provider, [torch.no_grad()(fn)], shape=shape, dtype=dtype, batch=batch,
-                       timing=timing, flop=work, note=note)
+                       timing=session.model_timing, flop=work, note=note)
 
-    record("cmfast", lambda: unet(x, t, y), _backends_note(session), model="cmfast")
+    record("cmfast", lambda: unet(x, t, y), _backends_note(session))
     with cmfast.use_backend("reference"):  # forced on the thread that times, for the whole measurement
         record("cmfast-reference", lambda: unet(x, t, y), "every op on its reference backend")
     unet.set_channels_last(True)
     try:
-        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session), model="cmfast-channels-last")
+        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session))
         if session.gpu:
             try:
                 replay = cuda_graph(lambda: unet(x, t, y), device)
@@ -261,11 +250,10 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
     finally:
         unet.set_channels_last(None)  # as cmfast.load leaves it: the layout measured faster
     if dm is not None:
-        record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel",
-               model="diffusers")
+        record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel")
         cl = models.diffusers_cl
         record("diffusers-channels-last", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
-               "UNet2DModel in channels_last", model="diffusers-channels-last")
+               "UNet2DModel in channels_last")
         if session.gpu:  # cuDNN's autotuner, as a user tuning the peer on a GPU switches on
             saved = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = True
@@ -280,7 +268,7 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
                 return m(x, t_model, class_labels=y, return_dict=False)[0]
 
         record("diffusers-autocast-channels-last", autocast_call,
-               f"float32 UNet2DModel in channels_last under torch.autocast({dtype})", model="diffusers-autocast")
+               f"float32 UNet2DModel in channels_last under torch.autocast({dtype})")
     for provider, compiled in (models.compiled or {}).items():
         if provider.startswith("diffusers-compile"):
             record(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
@@ -316,34 +304,27 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
     def pipe_call(pipe):
         return lambda: pipe(batch_size=batch, class_labels=y, generator=gen, output_type="pt", **steps).images
 
-    # provider -> (call, note, the eager U-Net inside it or None)
-    providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session), "cmfast"),
-                 "cmfast-channels-last": (cmfast_call(models.unet), _backends_note(session), "cmfast-channels-last")}
+    # provider -> (call, note); every provider gets the same warm-up call(s) before its timed calls
+    providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session)),
+                 "cmfast-channels-last": (cmfast_call(models.unet), _backends_note(session))}
     if session.gpu:
         providers["cmfast-cuda-graph"] = (cmfast_call(models.unet, cuda_graph=True),
-                                          "Denoiser(unet, cuda_graph=True); " + _backends_note(session), None)
+                                          "Denoiser(unet, cuda_graph=True); " + _backends_note(session))
     if models.pipe is not None:
-        providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline", "diffusers")
-        providers["diffusers-pipeline-channels-last"] = (pipe_call(models.pipe_cl), "its unet in channels_last",
-                                                         "diffusers-channels-last")
-        # its own warm-up key: the pipeline hands the U-Net x in the model's dtype, another class of call to measure
-        providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)",
-                                                  "cmfast-in-pipeline")
+        providers["diffusers-pipeline"] = (pipe_call(models.pipe), "ConsistencyModelPipeline")
+        providers["diffusers-pipeline-channels-last"] = (pipe_call(models.pipe_cl), "its unet in channels_last")
+        providers["diffusers-pipeline+cmfast"] = (pipe_call(models.pipe_cmfast), "its unet = cmfast.swap(unet)")
         providers["cmfast-swapped-pipeline"] = (pipe_call(cmfast.swap(models.pipe_cmfast)),
-                                                "cmfast.swap(pipe): the pipeline's call, cmfast's sampler loop",
-                                                "cmfast-in-pipeline")
+                                                "cmfast.swap(pipe): the pipeline's call, cmfast's sampler loop")
     if models.compiled:
-        providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))",
-                                       None)
+        providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))")
     if models.pipe_compiled is not None:
-        providers["diffusers-pipeline-compile"] = (pipe_call(models.pipe_compiled), "pipe.unet = torch.compile(unet)",
-                                                   None)
-    for provider, (fn, note, model) in providers.items():
-        timing = models.timing(session, model, batch) if model else session.model_timing
+        providers["diffusers-pipeline-compile"] = (pipe_call(models.pipe_compiled), "pipe.unet = torch.compile(unet)")
+    for provider, (fn, note) in providers.items():
         models.unet.set_channels_last(True if provider == "cmfast-channels-last" else None)  # for the whole measurement
         try:
-            session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch, timing=timing, flop=flop,
-                           note=note)
+            session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch,
+                           timing=session.model_timing, flop=flop, note=note)
         finally:
             models.unet.set_channels_last(None)
 

@@ -28,6 +28,11 @@ MODULES = {"group_norm": "bench_group_norm", "attention": "bench_attention", "co
 DTYPES = ("float32", "float16", "bfloat16")
 MODELS = ("imagenet64", "lsun256")  # the sampling benchmark's two architectures
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile modes a tuned user tries
+# glibc's malloc hands out blocks over 32 MiB as fresh mmap'd pages on every call and gives the top of its heap back to
+# the system after a free, so a large activation pays its page faults again on every call (4x768x64x64 GroupNorm:
+# 20 ms instead of 5). Every provider runs with blocks from the heap, kept after a free (`python -m benchmarks` sets
+# these; set them yourself to override).
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 
 
 def _list(text: str, kind=str) -> list:

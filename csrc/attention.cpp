@@ -72,17 +72,30 @@ void check_dtype(const AttentionProblem& problem) {
               "attention: unsupported dtype ", problem.dtype);
 }
 
-void run_attention(const AttentionProblem& problem, bool bf16_dot) {
+void run_attention(const AttentionProblem& problem, const std::string& kernel) {
   if (problem.batch == 0 || problem.tokens == 0 || problem.head_dim == 0) return;
-  if (bf16_dot) return attention_cpu_bf16(problem);
+  if (kernel == "amx") return attention_cpu_amx(problem);
+  if (kernel == "bf16") return attention_cpu_bf16(problem);
   attention_cpu_f32(problem);
 }
 
-// The registered CPU kernel: bf16 dot products where the dtype and the CPU allow them, else fp32 arithmetic.
+// The kernels that take this problem: f32 for every dtype, bf16 and amx for bfloat16 with the head dims they need.
+bool takes(const std::string& kernel, const AttentionProblem& problem) {
+  const bool bf16 = problem.dtype == at::kBFloat16;
+  if (kernel == "bf16") return bf16 && problem.head_dim % 2 == 0;
+  if (kernel == "amx") return bf16 && problem.head_dim % 32 == 0;
+  return true;
+}
+
+// The registered CPU kernel: AMX tile products, else bf16 dot products, where the dtype, head dim and CPU allow
+// them, else fp32 arithmetic.
 void attention_op(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& out) {
   const AttentionProblem problem = problem_of(qkv, num_heads, out);
   check_dtype(problem);
-  run_attention(problem, problem.dtype == at::kBFloat16 && problem.head_dim % 2 == 0 && cpu_runs_avx512_bf16());
+  std::string kernel = "f32";
+  for (const std::string& k : attention_cpu_kernels())
+    if (k != "f32" && takes(k, problem)) kernel = k;  // the list runs from the slowest to the fastest
+  run_attention(problem, kernel);
 }
 
 }  // namespace
@@ -114,6 +127,7 @@ std::vector<std::string> attention_cpu_kernels() {
   std::vector<std::string> kernels;
   if (cpu_runs_avx512()) kernels.push_back("f32");
   if (cpu_runs_avx512_bf16()) kernels.push_back("bf16");
+  if (cpu_runs_avx512_bf16() && cpu_runs_amx_bf16()) kernels.push_back("amx");
   return kernels;
 }
 
@@ -123,9 +137,9 @@ void attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& o
   TORCH_CHECK(std::find(runs.begin(), runs.end(), kernel) != runs.end(), "attention_cpu: this CPU cannot run the ",
               kernel, " kernel (it runs: ", c10::Join(", ", runs), ")");
   check_dtype(problem);
-  TORCH_CHECK(kernel != "bf16" || (problem.dtype == at::kBFloat16 && problem.head_dim % 2 == 0),
-              "attention_cpu: the bf16 kernel takes bfloat16 tensors with an even head dim");
-  run_attention(problem, kernel == "bf16");
+  TORCH_CHECK(takes(kernel, problem), "attention_cpu: the ", kernel, " kernel takes bfloat16 tensors with a head dim ",
+              kernel == "amx" ? "that is a multiple of 32" : "that is even");
+  run_attention(problem, kernel);
 }
 
 }  // namespace cmfast

@@ -1,5 +1,5 @@
 // The CPU attention kernels' entry points: attention.cpp (the op) checks the tensors and picks one by dtype and
-// CPU; attention_f32.cpp and attention_bf16.cpp compile them for their ISA.
+// CPU; attention_f32.cpp, attention_bf16.cpp and attention_amx.cpp compile them for their ISA.
 #pragma once
 #include <c10/core/ScalarType.h>
 
@@ -24,5 +24,10 @@ void attention_cpu_f32(const AttentionProblem& problem);
 // bfloat16 tensors with AVX512_BF16 dot products (probabilities rounded to bfloat16 before the second product, as
 // flash attention does); needs an even head_dim and AVX-512 (F, BW, DQ, VL, BF16).
 void attention_cpu_bf16(const AttentionProblem& problem);
+// bfloat16 tensors with AMX tile products (the bf16 kernel's packing, softmax and rounding); needs a head_dim that
+// is a multiple of 32 and cpu_runs_amx_bf16().
+void attention_cpu_amx(const AttentionProblem& problem);
+// AMX-TILE and AMX-BF16 on this CPU, and the OS's permission to use them (asked for once).
+bool cpu_runs_amx_bf16();
 
 }  // namespace cmfast

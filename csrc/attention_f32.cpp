@@ -12,6 +12,11 @@ namespace cmfast {
 namespace {
 
 struct F32Dot {
+  static constexpr bool kTiles = false;
+  static constexpr int kKeyStep = 16;
+  static constexpr int kExpDegree = 6;  // exp2_nonpositive's polynomial
+  static void begin_thread() {}
+  static void end_thread() {}  // the products by vector FMAs (rows_times_block)
   using Element = float;
   using Vec = __m512;
   static constexpr int kPerWord = 1;

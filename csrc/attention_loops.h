@@ -1,11 +1,13 @@
 // The CPU attention kernel, generic over its dot product (Dot: fp32 FMAs in attention_f32.cpp, AVX512_BF16 pair
 // dot products in attention_bf16.cpp). Each includer defines CMFAST_ISA, the target its loops compile for, and its
 // Dot: Element (the packed operands' type), kPerWord (elements per dot-product lane: 1, or a bf16 pair), Vec,
-// load(16 lanes' words), broadcast(one word), fma(acc, a, b), put_probabilities, pack_q.
+// load(16 lanes' words), broadcast(one word), fma(acc, a, b), put_probabilities, pack_q; kKeyStep (keys padded to a
+// multiple of it), begin_thread/end_thread (a worker thread's set-up), and kTiles: when true, Dot computes both
+// products itself (scores, accumulate: AMX tiles in attention_amx.cpp) instead of rows_times_block.
 //
 // Per (sample, head) the operands are packed once, zero padded, into what the loops stream (in elements):
 //   q [D / kPerWord][q_pad * kPerWord]  queries along the rows, pairs of channels in a word (q_pad: T to kQ)
-//   k [k_pad][D]                        a key's channels in a row (k_pad: T to 16)
+//   k [k_pad][D]                        a key's channels in a row (k_pad: T to kKeyStep)
 //   v [d_pad][k_pad]                    a channel's keys in a row, pairs of keys in a word (d_pad: D to kRows)
 // A task is kQ queries of one head, over chunks of kKeys keys: scores S^T = K Q into [key][query] (16 queries a
 // vector), an online softmax along the keys (vertical in the vectors, no shuffles), P^T in Dot's words, then
@@ -38,15 +40,23 @@ constexpr int kKeys = 256;  // keys a chunk: S is 32 KB, P 16-32 KB
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// 2^x for x <= 0 in fp32 lanes: 2^n p(f) with n = round(x), f in [-1/2, 1/2], p the degree-6 Taylor polynomial
-// (relative error < 2e-7); x below -127 gives 2^-127, nothing in a softmax that holds a 1.
+// 2^x for x <= 0 in fp32 lanes: 2^n p(f) with n = round(x), f in [-1/2, 1/2], p the Taylor polynomial of degree
+// Degree: 6 (relative error < 2e-7, for fp32 outputs), or 4 (< 5e-5, where the probabilities are rounded to bf16,
+// 2e-3 apart, and the sum uses the same values); x below -127 gives 2^-127, nothing in a softmax that holds a 1.
+template <int Degree>
 CMFAST_INLINE __m512 exp2_nonpositive(__m512 x) {
+  static_assert(Degree == 4 || Degree == 6, "exp2_nonpositive: degree 4 or 6");
   x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5403530e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  __m512 p;
+  if constexpr (Degree == 6) {
+    p = _mm512_set1_ps(1.5403530e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  } else {
+    p = _mm512_set1_ps(9.6181291e-3f);
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
@@ -125,12 +135,12 @@ CMFAST_KERNEL void softmax(const float* s, int64_t keys, int64_t valid, float c,
     const __m512 m_old = _mm512_loadu_ps(m + h);
     __m512 m_new = m_old;
     for (int64_t j = 0; j < valid; ++j) m_new = _mm512_max_ps(m_new, _mm512_loadu_ps(s + j * kQ + h));
-    const __m512 a = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), cv));
+    const __m512 a = exp2_nonpositive<6>(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), cv));
     const __m512 shift = _mm512_mul_ps(m_new, cv);
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     for (int64_t j = 0; j < keys; j += 2) {
-      __m512 e0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + j * kQ + h), cv, shift));
-      __m512 e1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(s + (j + 1) * kQ + h), cv, shift));
+      __m512 e0 = exp2_nonpositive<Dot::kExpDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(s + j * kQ + h), cv, shift));
+      __m512 e1 = exp2_nonpositive<Dot::kExpDegree>(_mm512_fmsub_ps(_mm512_loadu_ps(s + (j + 1) * kQ + h), cv, shift));
       if (j >= valid) e0 = _mm512_setzero_ps();
       if (j + 1 >= valid) e1 = _mm512_setzero_ps();
       sum0 = _mm512_add_ps(sum0, e0);
@@ -188,12 +198,21 @@ CMFAST_KERNEL void attend_queries(const Head<Dot>& h, int64_t i0, float c, Works
   }
   for (int64_t j0 = 0; j0 < h.k_pad; j0 += kKeys) {
     const int64_t keys = std::min<int64_t>(kKeys, h.k_pad - j0);
-    for (int64_t j = 0; j < keys; j += kRows)  // S^T for kRows keys at a time
-      rows_times_block<Dot>(h.k + (j0 + j) * h.D, h.D, h.q + i0 * per, h.q_row, h.D / per, nullptr, w.s.get() + j * kQ);
+    if constexpr (Dot::kTiles) {
+      Dot::scores(h, j0, keys, i0, w.s.get());
+    } else {
+      for (int64_t j = 0; j < keys; j += kRows)  // S^T for kRows keys at a time
+        rows_times_block<Dot>(h.k + (j0 + j) * h.D, h.D, h.q + i0 * per, h.q_row, h.D / per, nullptr,
+                              w.s.get() + j * kQ);
+    }
     softmax<Dot>(w.s.get(), keys, std::min(keys, h.T - j0), c, w.m, w.l, w.alpha, w.p.get());
-    for (int64_t d = 0; d < h.d_pad; d += kRows)  // O^T for kRows channels at a time
-      rows_times_block<Dot>(h.v + d * h.k_pad + j0, h.k_pad, w.p.get(), kQ * per, keys / per, w.alpha,
-                            w.o.get() + d * kQ);
+    if constexpr (Dot::kTiles) {
+      Dot::accumulate(h, j0, keys, w.p.get(), w.alpha, w.o.get());
+    } else {
+      for (int64_t d = 0; d < h.d_pad; d += kRows)  // O^T for kRows channels at a time
+        rows_times_block<Dot>(h.v + d * h.k_pad + j0, h.k_pad, w.p.get(), kQ * per, keys / per, w.alpha,
+                              w.o.get() + d * kQ);
+    }
   }
 }
 
@@ -205,7 +224,7 @@ template <class Dot, typename In, typename Out>
 void attend(const AttentionProblem& pr) {
   using E = typename Dot::Element;
   const int64_t D = pr.head_dim, T = pr.tokens, C = pr.heads * D, heads = pr.batch * pr.heads;
-  const int64_t q_pad = round_up(T, kQ), k_pad = round_up(T, 16), d_pad = round_up(D, kRows);
+  const int64_t q_pad = round_up(T, kQ), k_pad = round_up(T, Dot::kKeyStep), d_pad = round_up(D, kRows);
   const int64_t q_size = D * q_pad, k_size = k_pad * D, v_size = d_pad * k_pad, head_size = q_size + k_size + v_size;
   std::unique_ptr<E[]> packed(new E[heads * head_size]);
   const In* qkv = static_cast<const In*>(pr.qkv);
@@ -225,6 +244,7 @@ void attend(const AttentionProblem& pr) {
   Out* out = static_cast<Out*>(pr.out);
   at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
     Workspace<Dot> w(d_pad);
+    Dot::begin_thread();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = task % blocks * kQ;
       const E* base = packed.get() + bh * head_size;
@@ -234,6 +254,7 @@ void attend(const AttentionProblem& pr) {
                  i0 * pr.out_token_stride;
       store_output(w.o.get(), w.l, D, std::min<int64_t>(kQ, T - i0), dst, pr.out_channel_stride, pr.out_token_stride);
     }
+    Dot::end_thread();
   });
 }
 

@@ -130,7 +130,8 @@ def cpu_kernel_runs(kernel):
     if not cmfast.extension.cpu:
         pytest.skip(cmfast.extension.reason or "no cmfast._C")
     if kernel not in compiled.attention_cpu_kernels():
-        pytest.skip(f"this CPU cannot run the {kernel} attention kernel (needs AVX-512{', BF16' if kernel == 'bf16' else ''})")
+        needs = {"f32": "AVX-512", "bf16": "AVX-512 and AVX512_BF16", "amx": "AVX512_BF16 and AMX-BF16"}[kernel]
+        pytest.skip(f"this CPU cannot run the {kernel} attention kernel (needs {needs})")
     return compiled
 
 
@@ -142,16 +143,21 @@ def misaligned_like(t):
     return flat.view(t.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2).copy_(t)
 
 
-@pytest.mark.parametrize("kernel, dtype", [("f32", d) for d in DTYPES] + [("bf16", torch.bfloat16)], ids=str)
+# The head dims each kernel takes: any (f32), even (bf16 pairs), multiples of 32 (a tile row of 32 bf16, amx).
+HEAD_DIM_STEP = {"f32": 1, "bf16": 2, "amx": 32}
+
+
+@pytest.mark.parametrize("kernel, dtype", [("f32", d) for d in DTYPES] + [("bf16", torch.bfloat16),
+                                                                          ("amx", torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
 def test_cpu_kernels_match_reference(kernel, dtype, layout, gen):
-    """Each CPU kernel by name (the op picks one per dtype and CPU): the f32 one on every dtype (bfloat16 on CPUs
-    without AVX512_BF16 takes it), the bf16 one on bfloat16, over the real and edge shapes and odd head dims."""
+    """Each CPU kernel by name (the op picks one per dtype, head dim and CPU): the f32 one on every dtype (bfloat16 on
+    CPUs without AVX512_BF16 takes it), the bf16 and amx ones on bfloat16, over the real and edge shapes and odd head
+    dims (those each kernel takes)."""
     compiled = cpu_kernel_runs(kernel)
-    for shape in REAL + EDGE + ODD_HEADS:
-        c, heads = shape[1], shape[4]
-        if kernel == "bf16" and (c // heads) % 2:
-            continue
+    shapes = [s for s in REAL + EDGE + ODD_HEADS if (s[1] // s[4]) % HEAD_DIM_STEP[kernel] == 0]
+    assert shapes
+    for shape in shapes:
         qkv, heads = make(shape, dtype, "cpu", gen, channels_last=layout == "channels_last")
         out = torch.full(A.attention_output(qkv).shape, float("nan"), dtype=dtype)
         if layout == "channels_last":
@@ -163,22 +169,25 @@ def test_cpu_kernels_match_reference(kernel, dtype, layout, gen):
         close(out, reference(qkv, heads), dtype)
 
 
-def test_cpu_op_picks_its_kernel(gen):
-    """The registered CPU op: bf16 dot products for bfloat16 tensors where the CPU has them, else fp32 arithmetic;
-    registered at all only where the CPU runs the f32 kernel (AVX-512)."""
+@pytest.mark.parametrize("head_dim", [64, 16], ids=lambda d: f"head_dim{d}")
+def test_cpu_op_picks_its_kernel(head_dim, gen):
+    """The registered CPU op on bfloat16: AMX tiles where the CPU has them and the head dim is a multiple of 32, else
+    bf16 dot products where the CPU has them, else fp32 arithmetic; registered at all only where the CPU runs the
+    f32 kernel (AVX-512)."""
     compiled = cpu_kernel_runs("f32")
     assert "cpu" in A.IMPLEMENTED
-    qkv, heads = make((1, 128, 8, 8, 2), torch.bfloat16, "cpu", gen)
+    qkv, heads = make((1, 2 * head_dim, 8, 8, 2), torch.bfloat16, "cpu", gen)
     by_kernel = {}
     for kernel in compiled.attention_cpu_kernels():
-        by_kernel[kernel] = A.attention_output(qkv)
-        compiled.attention_cpu(qkv, heads, by_kernel[kernel], kernel)
+        if head_dim % HEAD_DIM_STEP[kernel] == 0:
+            by_kernel[kernel] = A.attention_output(qkv)
+            compiled.attention_cpu(qkv, heads, by_kernel[kernel], kernel)
     out = A.attention_output(qkv)
     torch.ops.cmfast_C.attention(qkv, heads, out)
-    picked = "bf16" if "bf16" in by_kernel else "f32"
+    picked = next(k for k in ("amx", "bf16", "f32") if k in by_kernel)
     assert torch.equal(out, by_kernel[picked])
-    if len(by_kernel) == 2:
-        assert not torch.equal(by_kernel["f32"], by_kernel["bf16"])  # so that the comparison above tells them apart
+    if picked != "f32":  # so that the comparison above tells bf16 products from fp32 ones
+        assert not torch.equal(by_kernel["f32"], by_kernel[picked])
 
 
 @pytest.mark.parametrize(
@@ -186,6 +195,8 @@ def test_cpu_op_picks_its_kernel(gen):
     [
         (lambda c, q, o: c.attention_cpu(q, 2, o, "f16"), "cannot run the f16 kernel"),
         (lambda c, q, o: c.attention_cpu(q, 2, o, "bf16"), "takes bfloat16"),
+        (lambda c, q, o: c.attention_cpu(q.bfloat16(), 4, o.bfloat16(), "amx"),  # head dim 16
+         "takes bfloat16 tensors with a head dim that is a multiple of 32|cannot run the amx kernel"),
         (lambda c, q, o: c.attention_cpu(q, 3, o, "f32"), "does not divide"),
         (lambda c, q, o: c.attention_cpu(q, 2, o[:, :32], "f32"), "expected shape"),
         (lambda c, q, o: c.attention_cpu(q, 2, o.double(), "f32"), "expected dtype"),

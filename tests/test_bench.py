@@ -105,6 +105,20 @@ def test_the_runner_parses_its_command_line():
     assert args.names == ["group_norm"] and args.quick and args.dtypes == ["float32"]
 
 
+@pytest.mark.parametrize("preset", [False, True], ids=["allocator-unset", "allocator-set"])
+def test_the_runner_restarts_once_with_the_allocator_settings(preset):
+    """`python -m benchmarks` sets glibc's allocator knobs by restarting itself once; with them set it runs as is."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in run.ALLOCATOR}
+    if preset:
+        env.update(run.ALLOCATOR)
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m benchmarks"), done.stderr
+
+
 def test_the_package_does_not_reach_outside_itself():
     """cmfast imports nothing from the source tree around it (benchmarks/, tools/, tests/)."""
     import ast

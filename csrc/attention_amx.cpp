@@ -1,0 +1,137 @@
+// The CPU attention kernel for bfloat16 tensors on CPUs with AMX (Intel Sapphire Rapids and later): the same
+// packing, online softmax and rounding as the AVX512_BF16 kernel (attention_bf16.cpp), its two products done by
+// tile matrix multiplies (tdpbf16ps: bf16 pairs, fp32 accumulation) instead of vector dot products. The packed
+// layouts are already what the tiles read: K's rows (a key's channels), Q's pairs of channels ([D/2][queries]
+// words), V's rows (a channel's keys) and P's pairs of keys ([keys/2][queries] words). Needs a head dim that is
+// a multiple of 32 (a tile's row: 32 bf16); the keys are padded to 32.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define CMFAST_ISA "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16"
+#include "attention_loops.h"
+
+#include "attention_bf16_dot.h"
+
+namespace cmfast {
+namespace {
+
+constexpr int kTileRows = 16;   // rows of every tile used here: 16 keys, channels or pairs
+constexpr int kTileBytes = 64;  // bytes of a tile row: 32 bf16 or 16 fp32
+
+// Tiles 0-3: the fp32 results of a 32x32 block (2x2 tiles of 16x16); 4-5: two A operands (16 rows of 32 bf16);
+// 6-7: two B operands (16 rows of 16 bf16 pairs).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct AmxDot : Bf16Dot {
+  static constexpr bool kTiles = true;
+  static constexpr int kKeyStep = 32;
+
+  CMFAST_KERNEL static void begin_thread() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.colsb[t] = kTileBytes;
+      config.rows[t] = kTileRows;
+    }
+    // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the config, which let it drop the stores
+    // above: a barrier keeps them.
+    asm volatile("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+  }
+  CMFAST_KERNEL static void end_thread() { _tile_release(); }
+
+  // s[key][query] = S^T for keys [j0, j0 + keys) and queries [i0, i0 + kQ): 32 keys x 32 queries a step, over
+  // the channels 32 at a time.
+  template <class H>
+  CMFAST_KERNEL static void scores(const H& h, int64_t j0, int64_t keys, int64_t i0, float* s) {
+    const int64_t k_stride = h.D * 2, q_stride = h.q_row * 2;  // bytes
+    for (int64_t j = 0; j < keys; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t d = 0; d < h.D; d += 32) {
+        _tile_loadd(4, h.k + (j0 + j) * h.D + d, k_stride);
+        _tile_loadd(5, h.k + (j0 + j + 16) * h.D + d, k_stride);
+        _tile_loadd(6, h.q + d / 2 * h.q_row + i0 * 2, q_stride);
+        _tile_loadd(7, h.q + d / 2 * h.q_row + (i0 + 16) * 2, q_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, s + j * kQ, kQ * 4);
+      _tile_stored(1, s + j * kQ + 16, kQ * 4);
+      _tile_stored(2, s + (j + 16) * kQ, kQ * 4);
+      _tile_stored(3, s + (j + 16) * kQ + 16, kQ * 4);
+    }
+  }
+
+  // o[channel][query] = o alpha + V P^T over keys [j0, j0 + keys): 32 channels x 32 queries a step, over the keys
+  // 32 at a time (16 pairs of P's words a tile row).
+  template <class H>
+  CMFAST_KERNEL static void accumulate(const H& h, int64_t j0, int64_t keys, const uint16_t* p, const float* alpha,
+                                       float* o) {
+    const __m512 a0 = _mm512_loadu_ps(alpha), a1 = _mm512_loadu_ps(alpha + 16);
+    for (int64_t d = 0; d < h.D; ++d) {
+      _mm512_storeu_ps(o + d * kQ, _mm512_mul_ps(_mm512_loadu_ps(o + d * kQ), a0));
+      _mm512_storeu_ps(o + d * kQ + 16, _mm512_mul_ps(_mm512_loadu_ps(o + d * kQ + 16), a1));
+    }
+    const int64_t v_stride = h.k_pad * 2, p_stride = kQ * 2 * 2;  // bytes
+    for (int64_t d = 0; d < h.D; d += 32) {
+      float* out = o + d * kQ;
+      _tile_loadd(0, out, kQ * 4);
+      _tile_loadd(1, out + 16, kQ * 4);
+      _tile_loadd(2, out + 16 * kQ, kQ * 4);
+      _tile_loadd(3, out + 16 * kQ + 16, kQ * 4);
+      for (int64_t j = 0; j < keys; j += 32) {
+        _tile_loadd(4, h.v + d * h.k_pad + j0 + j, v_stride);
+        _tile_loadd(5, h.v + (d + 16) * h.k_pad + j0 + j, v_stride);
+        _tile_loadd(6, p + j * kQ, p_stride);
+        _tile_loadd(7, p + j * kQ + 32, p_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, out, kQ * 4);
+      _tile_stored(1, out + 16, kQ * 4);
+      _tile_stored(2, out + 16 * kQ, kQ * 4);
+      _tile_stored(3, out + 16 * kQ + 16, kQ * 4);
+    }
+  }
+};
+
+// AMX-TILE and AMX-BF16 in CPUID (leaf 7, EDX bits 24 and 22), and Linux's permission for this process to use the
+// tile registers (requested once: the kernel grants it where the OS saves the tile state).
+bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+}  // namespace
+
+bool cpu_runs_amx_bf16() {
+  static const bool usable = amx_usable();
+  return usable;
+}
+
+void attention_cpu_amx(const AttentionProblem& problem) {
+  TORCH_CHECK(problem.dtype == at::kBFloat16 && problem.head_dim % 32 == 0,
+              "attention_cpu_amx: expected bfloat16 tensors and a head_dim that is a multiple of 32");
+  TORCH_CHECK(cpu_runs_amx_bf16(), "attention_cpu_amx: this CPU (or OS) does not run AMX-BF16");
+  attend<AmxDot, uint16_t, c10::BFloat16>(problem);
+}
+
+}  // namespace cmfast
