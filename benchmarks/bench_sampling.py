@@ -26,6 +26,7 @@ usage: python -m benchmarks.bench_sampling [runner options] (see python -m bench
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import importlib.util
@@ -227,57 +228,74 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
     shape = f"{models.preset}:{batch}x3x{models.image_size}x{models.image_size}"
     flop = analysis.flop_per_image * batch
 
-    def record(provider, fn, note="", work=flop):
-        session.record("unet_forward", provider, [torch.no_grad()(fn)], shape=shape, dtype=dtype, batch=batch,
-                       timing=session.model_timing, flop=work, note=note)
+    entries = []  # (provider, call, note, context)
 
-    record("cmfast", lambda: unet(x, t, y), _backends_note(session))
-    with cmfast.use_backend("reference"):  # forced on the thread that times, for the whole measurement
-        record("cmfast-reference", lambda: unet(x, t, y), "every op on its reference backend")
-    unet.set_channels_last(True)
-    try:
-        record("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session))
-        if session.gpu:
-            try:
+    def add(provider, fn, note="", context=None):
+        entries.append((provider, torch.no_grad()(fn), note, context))
+
+    add("cmfast", lambda: unet(x, t, y), _backends_note(session))
+    # forced on the thread that times, around each call
+    add("cmfast-reference", lambda: unet(x, t, y), "every op on its reference backend",
+        lambda: cmfast.use_backend("reference"))
+    add("cmfast-channels-last", lambda: unet(x, t, y), _backends_note(session), lambda: _layout(unet, True))
+    if session.gpu:
+        try:
+            with _layout(unet, True):
                 replay = cuda_graph(lambda: unet(x, t, y), device)
-            except Exception as e:  # noqa: BLE001  (an op that cannot be captured: logged, the suite goes on)
-                session.failures.append(f"unet_forward cmfast-cuda-graph {shape}: {type(e).__name__}: {e}")
-                session.log(f"FAILED cmfast-cuda-graph: {type(e).__name__}: {str(e)[:300]}")
-            else:
-                record("cmfast-cuda-graph", replay, "channels_last forward captured once in a CUDA graph, replayed; "
-                       + _backends_note(session))
-                del replay
-    finally:
-        unet.set_channels_last(None)  # as cmfast.load leaves it: the layout measured faster
+        except Exception as e:  # noqa: BLE001  (an op that cannot be captured: logged, the suite goes on)
+            session.failures.append(f"unet_forward cmfast-cuda-graph {shape}: {type(e).__name__}: {e}")
+            session.log(f"FAILED cmfast-cuda-graph: {type(e).__name__}: {str(e)[:300]}")
+        else:
+            add("cmfast-cuda-graph", replay, "channels_last forward captured once in a CUDA graph, replayed; "
+                + _backends_note(session))
     if dm is not None:
-        record("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel")
+        add("diffusers", lambda: dm(x_model, t_model, class_labels=y, return_dict=False)[0], "UNet2DModel")
         cl = models.diffusers_cl
-        record("diffusers-channels-last", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
-               "UNet2DModel in channels_last")
+        add("diffusers-channels-last", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
+            "UNet2DModel in channels_last")
         if session.gpu:  # cuDNN's autotuner, as a user tuning the peer on a GPU switches on
-            saved = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            try:
-                record("diffusers-cudnn-benchmark", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
-                       "UNet2DModel in channels_last, torch.backends.cudnn.benchmark = True")
-            finally:
-                torch.backends.cudnn.benchmark = saved
+            add("diffusers-cudnn-benchmark", lambda: cl(x_model, t_model, class_labels=y, return_dict=False)[0],
+                "UNet2DModel in channels_last, torch.backends.cudnn.benchmark = True", _cudnn_benchmark)
     if models.autocast is not None:
         def autocast_call(m=models.autocast):
             with torch.autocast(device.type, dtype=dtype):
                 return m(x, t_model, class_labels=y, return_dict=False)[0]
 
-        record("diffusers-autocast-channels-last", autocast_call,
-               f"float32 UNet2DModel in channels_last under torch.autocast({dtype})")
+        add("diffusers-autocast-channels-last", autocast_call,
+            f"float32 UNet2DModel in channels_last under torch.autocast({dtype})")
     for provider, compiled in (models.compiled or {}).items():
         if provider.startswith("diffusers-compile"):
-            record(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
-                   f"torch.compile(UNet2DModel in channels_last{provider.removeprefix('diffusers-compile')})")
+            add(provider, lambda c=compiled: c(x_model, t_model, class_labels=y, return_dict=False)[0],
+                f"torch.compile(UNet2DModel in channels_last{provider.removeprefix('diffusers-compile')})")
         else:
-            record(provider, lambda c=compiled: c(x, t, y), "torch.compile(cmfast.UNet)")
-    record("convs-only", convs_only(analysis, batch, device),
-           f"{len(analysis.convs)} convolutions: {analysis.conv_flop_per_image / 1e9:.1f} of "
-           f"{analysis.flop_per_image / 1e9:.1f} GFLOP/image", work=analysis.conv_flop_per_image * batch)
+            add(provider, lambda c=compiled: c(x, t, y), "torch.compile(cmfast.UNet)")
+    session.record_row("unet_forward", entries, shape=shape, dtype=dtype, batch=batch, timing=session.model_timing,
+                       flop=flop)
+    del entries
+    session.record("unet_forward", "convs-only", [convs_only(analysis, batch, device)], shape=shape, dtype=dtype,
+                   batch=batch, timing=session.model_timing, flop=analysis.conv_flop_per_image * batch,
+                   note=f"{len(analysis.convs)} convolutions: {analysis.conv_flop_per_image / 1e9:.1f} of "
+                        f"{analysis.flop_per_image / 1e9:.1f} GFLOP/image")
+
+
+@contextlib.contextmanager
+def _layout(unet, channels_last):
+    """The U-Net in a fixed layout for the calls inside, then as cmfast.load leaves it (the layout measured faster)."""
+    unet.set_channels_last(channels_last)
+    try:
+        yield
+    finally:
+        unet.set_channels_last(None)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark():
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_step: list | None) -> None:
@@ -304,9 +322,10 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
     def pipe_call(pipe):
         return lambda: pipe(batch_size=batch, class_labels=y, generator=gen, output_type="pt", **steps).images
 
-    # provider -> (call, note); every provider gets the same warm-up call(s) before its timed calls
+    # provider -> (call, note[, context])
     providers = {"cmfast": (cmfast_call(models.unet), _backends_note(session)),
-                 "cmfast-channels-last": (cmfast_call(models.unet), _backends_note(session))}
+                 "cmfast-channels-last": (cmfast_call(models.unet), _backends_note(session),
+                                          lambda: _layout(models.unet, True))}
     if session.gpu:
         providers["cmfast-cuda-graph"] = (cmfast_call(models.unet, cuda_graph=True),
                                           "Denoiser(unet, cuda_graph=True); " + _backends_note(session))
@@ -320,13 +339,10 @@ def sample(session, models: Models, analysis: Analysis, batch: int, dtype, two_s
         providers["cmfast-compile"] = (cmfast_call(models.compiled["cmfast-compile"]), "Denoiser(torch.compile(unet))")
     if models.pipe_compiled is not None:
         providers["diffusers-pipeline-compile"] = (pipe_call(models.pipe_compiled), "pipe.unet = torch.compile(unet)")
-    for provider, (fn, note) in providers.items():
-        models.unet.set_channels_last(True if provider == "cmfast-channels-last" else None)  # for the whole measurement
-        try:
-            session.record(benchmark, provider, [fn], shape=shape, dtype=dtype, batch=batch,
-                           timing=session.model_timing, flop=flop, note=note)
-        finally:
-            models.unet.set_channels_last(None)
+    entries = [(provider, fn, note, context[0] if context else None)
+               for provider, (fn, note, *context) in providers.items()]
+    session.record_row(benchmark, entries, shape=shape, dtype=dtype, batch=batch, timing=session.model_timing,
+                       flop=flop)
 
 
 def run(session) -> None:

@@ -4,6 +4,7 @@ and the Session that rotates inputs, measures, records and writes them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 from dataclasses import asdict, dataclass, fields
@@ -14,8 +15,8 @@ import torch
 import cmfast
 from cmfast import backends
 
-from .measure import (OtherLoad, Timing, copies_to_beat_cache, device_name, device_slug, dtype_label, measure,
-                      measure_ceilings)
+from .measure import (Measured, OtherLoad, Timing, copies_to_beat_cache, device_name, device_slug, dtype_label,
+                      measure, measure_ceilings, summarize, timed_calls)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -188,16 +189,55 @@ class Session:
     def record(self, benchmark: str, provider: str, calls, *, shape: str, dtype, batch: int, timing: Timing,
                nbytes: int | None = None, flop: float | None = None, note: str = "") -> Row | None:
         """Time `calls` (callables in rotation) and add a row; a provider that fails is logged and skipped."""
-        dtype_name = dtype if isinstance(dtype, str) else dtype_label(dtype)
         try:
             m = measure(calls, self.device, timing)
         except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)
-            if self.gpu and isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            message = f"{benchmark} {provider} {shape} {dtype_name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            self.failures.append(message)
-            self.log("FAILED " + message)
+            self._failed(benchmark, provider, shape, dtype, e)
             return None
+        return self._add(benchmark, provider, m, shape=shape, dtype=dtype, batch=batch, nbytes=nbytes, flop=flop,
+                         note=note)
+
+    def record_row(self, benchmark: str, entries, *, shape: str, dtype, batch: int, timing: Timing,
+                   flop: float | None = None) -> None:
+        """The providers of one row, entries (provider, call, note, context: a callable giving the context manager
+        each call runs in, or None), timed in two passes, in order and then in reverse (each pass with its warm-up
+        calls and half the timed calls): a machine that is slower for a while after some provider (a model built or
+        compiled, a measurement, memory returned) then weighs on no provider's place in the row. Each row takes the
+        times of both passes."""
+        half = Timing(warmup=timing.warmup, min_reps=max(1, (timing.min_reps + 1) // 2),
+                      min_seconds=timing.min_seconds / 2, max_reps=timing.max_reps)
+        times = {entry[0]: [] for entry in entries}
+        loads: dict[str, list[float]] = {entry[0]: [] for entry in entries}
+        for order in (entries, entries[::-1]):
+            for provider, call, _, context in order:
+                if provider not in times:  # failed in the first pass
+                    continue
+                try:
+                    with context() if context is not None else contextlib.nullcontext():
+                        got, other = timed_calls([call], self.device, half)
+                except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)
+                    self._failed(benchmark, provider, shape, dtype, e)
+                    del times[provider]
+                    continue
+                times[provider] += got
+                if other is not None:
+                    loads[provider].append(other)
+        for provider, _, note, _ in entries:
+            if provider in times:
+                other = max(loads[provider]) if loads[provider] else None
+                self._add(benchmark, provider, summarize(times[provider], other), shape=shape, dtype=dtype,
+                          batch=batch, flop=flop, note=note)
+
+    def _failed(self, benchmark, provider, shape, dtype, e: Exception) -> None:
+        if self.gpu and isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        dtype_name = dtype if isinstance(dtype, str) else dtype_label(dtype)
+        message = f"{benchmark} {provider} {shape} {dtype_name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        self.failures.append(message)
+        self.log("FAILED " + message)
+
+    def _add(self, benchmark, provider, m: Measured, *, shape, dtype, batch, nbytes=None, flop=None, note="") -> Row:
+        dtype_name = dtype if isinstance(dtype, str) else dtype_label(dtype)
         other = m.other_load
         row = Row(benchmark, provider, shape, dtype_name, batch, self.name, m.p20, m.p50, m.p80, reps=m.reps,
                   other_load=None if self.gpu or other is None else round(other, 3), note=note,

@@ -116,6 +116,18 @@ class Measured:
 
 def measure(calls, device: torch.device, timing: Timing = Timing()) -> Measured:
     """Times the callables of `calls` in rotation, after the warm-up calls."""
+    return summarize(*timed_calls(calls, device, timing))
+
+
+def summarize(times: list[float], other: float | None) -> Measured:
+    if len(times) == 1:
+        return Measured(times[0], times[0], times[0], 1, other)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Measured(q[1], statistics.median(times), q[7], len(times), other)
+
+
+def timed_calls(calls, device: torch.device, timing: Timing) -> tuple[list[float], float | None]:
+    """(milliseconds of each timed call, other processes' share of the CPUs meanwhile), after the warm-up calls."""
     for i in range(timing.warmup):
         calls[i % len(calls)]()
     synchronize(device)
@@ -145,11 +157,7 @@ def measure(calls, device: torch.device, timing: Timing = Timing()) -> Measured:
     finally:
         if gc_was_on:
             gc.enable()
-    other = load.stop()
-    if len(times) == 1:
-        return Measured(times[0], times[0], times[0], 1, other)
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return Measured(q[1], statistics.median(times), q[7], len(times), other)
+    return times, load.stop()
 
 
 # ---- ceilings ------------------------------------------------------------------------------------------------
