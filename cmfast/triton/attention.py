@@ -30,9 +30,22 @@ INTERPRETED_BLOCKS = (32, 32)  # (BLOCK_M, BLOCK_N) in the interpreter: the test
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """a @ b (+ acc, where not None) with fp32 accumulation: the kernel's products."""
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dot_via_fp32(a, b, acc, PRECISION: tl.constexpr):
+    """The same product with the operands widened to fp32 first (exactly: their values are unchanged), for bf16 in
+    Triton's CPU interpreter, whose bf16 tl.dot is wrong (errors of 1e8 in Triton 3.9). Compiled kernels use _dot."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _attention_kernel(qkv_ptr, out_ptr, T, heads, C, qk_scale, stride_qb, stride_qc, stride_qt, stride_ob, stride_oc,
                       stride_ot, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     sample = (bh // heads).to(tl.int64)
     head_channel = (bh % heads) * HEAD_DIM
@@ -45,8 +58,6 @@ def _attention_kernel(qkv_ptr, out_ptr, T, heads, C, qk_scale, stride_qb, stride
     v_ptr = k_ptr + C * stride_qc
     q = tl.load(q_ptr + m[:, None] * stride_qt + d[None, :] * stride_qc, mask=(m < T)[:, None] & d_ok[None, :],
                 other=0.0)
-    if UPCAST:  # bf16 in Triton's CPU interpreter, whose bf16 dot is wrong (errors of 1e8 in Triton 3.9): fp32 there
-        q = q.to(tl.float32)
     kt_offs = d[:, None] * stride_qc + n[None, :] * stride_qt  # K^T tile [BLOCK_D, BLOCK_N]
     v_offs = n[:, None] * stride_qt + d[None, :] * stride_qc  # V tile [BLOCK_N, BLOCK_D]
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -56,19 +67,13 @@ def _attention_kernel(qkv_ptr, out_ptr, T, heads, C, qk_scale, stride_qb, stride
         n_ok = start + n < T
         kt = tl.load(k_ptr + start * stride_qt + kt_offs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         v = tl.load(v_ptr + start * stride_qt + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # log2 units
+        s = DOT(q, kt, None, DOT_PRECISION) * qk_scale  # log2 units
         s = tl.where(n_ok[None, :], s, float("-inf"))  # every step has a valid key: rows never all -inf
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
         p = tl.exp2(s - new_max[:, None])
         alpha = tl.exp2(row_max - new_max)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = DOT(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         row_max = new_max
     out = acc / row_sum[:, None]
     out_ptr += sample * stride_ob + (head_channel + d[None, :]) * stride_oc + m[:, None] * stride_ot
@@ -111,7 +116,7 @@ def attention(qkv, num_heads, out):
         tokens, out_tokens, T, num_heads, channels, math.log2(math.e) / math.sqrt(head_dim),
         *tokens.stride(), *out_tokens.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        UPCAST=in_interpreter and qkv.dtype == torch.bfloat16,  # compiled kernels never upcast
+        DOT=_dot_via_fp32 if in_interpreter and qkv.dtype == torch.bfloat16 else _dot,
         DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
         enable_fp_fusion=FP_FUSION,
     )
