@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
 #include "attention_cpu.h"
 #include "common.h"
 #include "ops.h"

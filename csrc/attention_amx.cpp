@@ -6,47 +6,24 @@
 // a multiple of 32 (a tile's row: 32 bf16); the keys are padded to 32.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #define CMFAST_ISA "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16"
 #include "attention_loops.h"
 
+#include "amx.h"
 #include "attention_bf16_dot.h"
 
 namespace cmfast {
 namespace {
 
-constexpr int kTileRows = 16;   // rows of every tile used here: 16 keys, channels or pairs
-constexpr int kTileBytes = 64;  // bytes of a tile row: 32 bf16 or 16 fp32
-
 // Tiles 0-3: the fp32 results of a 32x32 block (2x2 tiles of 16x16); 4-5: two A operands (16 rows of 32 bf16);
 // 6-7: two B operands (16 rows of 16 bf16 pairs).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 struct AmxDot : Bf16Dot {
   static constexpr bool kTiles = true;
   static constexpr int kKeyStep = 32;
 
-  CMFAST_KERNEL static void begin_thread() {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-      config.colsb[t] = kTileBytes;
-      config.rows[t] = kTileRows;
-    }
-    // GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes of the config, which let it drop the stores
-    // above: a barrier keeps them.
-    asm volatile("" : : "r"(&config) : "memory");
-    _tile_loadconfig(&config);
-  }
+  CMFAST_KERNEL static void begin_thread() { configure_tiles(); }
   CMFAST_KERNEL static void end_thread() { _tile_release(); }
 
   // s[key][query] = S^T for keys [j0, j0 + keys) and queries [i0, i0 + kQ): 32 keys x 32 queries a step, over
@@ -111,21 +88,7 @@ struct AmxDot : Bf16Dot {
   }
 };
 
-// AMX-TILE and AMX-BF16 in CPUID (leaf 7, EDX bits 24 and 22), and Linux's permission for this process to use the
-// tile registers (requested once: the kernel grants it where the OS saves the tile state).
-bool amx_usable() {
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 22))) return false;
-  constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-}
-
 }  // namespace
-
-bool cpu_runs_amx_bf16() {
-  static const bool usable = amx_usable();
-  return usable;
-}
 
 void attention_cpu_amx(const AttentionProblem& problem) {
   TORCH_CHECK(problem.dtype == at::kBFloat16 && problem.head_dim % 32 == 0,

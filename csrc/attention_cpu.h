@@ -27,7 +27,5 @@ void attention_cpu_bf16(const AttentionProblem& problem);
 // bfloat16 tensors with AMX tile products (the bf16 kernel's packing, softmax and rounding); needs a head_dim that
 // is a multiple of 32 and cpu_runs_amx_bf16().
 void attention_cpu_amx(const AttentionProblem& problem);
-// AMX-TILE and AMX-BF16 on this CPU, and the OS's permission to use them (asked for once).
-bool cpu_runs_amx_bf16();
 
 }  // namespace cmfast

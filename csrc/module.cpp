@@ -4,6 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../kernels/group_norm_plan.h"
+#include "amx.h"
 #include "ops.h"
 
 #ifdef CMFAST_WITH_CUDA
@@ -21,6 +22,8 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
   m.def("transpose_last2", &cmfast::transpose_last2, "out[n, k, r] = src[n, r, k] (CPU, contiguous (N, R, K) -> (N, K, R))",
         py::arg("src"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_runs_amx_bf16", &cmfast::cpu_runs_amx_bf16,
+        "whether this CPU and OS run AMX-BF16 tile instructions (the AMX kernels: attention, Winograd)");
   m.def("attention_cpu_kernels", &cmfast::attention_cpu_kernels, "the attention CPU kernels this CPU runs");
   m.def("attention_cpu", &cmfast::attention_cpu, "the attention op's CPU kernel `kernel` (f32 or bf16) on qkv into out",
         py::arg("qkv"), py::arg("num_heads"), py::arg("out"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());

@@ -8,12 +8,13 @@
   at other shapes costs (4x384x64x64 bf16 3x3: 36 ms eager, 99 ms packed), hence a measured choice per shape;
 - "matmul" (1x1 convolutions: attention's qkv and proj_out, the skip connections): the same product as a matrix
   multiplication on the same weights, as diffusers runs its attention projections;
-- "winograd" (CPU, fp32, channels_last, 3x3 stride 1 padding 1: the ResBlocks' and Upsample's convolutions):
-  Winograd's F(2x2, 3x3) algorithm (cmfast/models/winograd.py), 2.25x fewer multiplications.
+- "winograd" (CPU, channels_last, 3x3 stride 1 padding 1: the ResBlocks' and Upsample's convolutions; fp32, or bf16
+  where the CPU has AMX and the channels come in 32s): Winograd's F(2x2, 3x3) algorithm
+  (cmfast/models/winograd.py), 2.25x fewer multiplications.
 
 The first three compute the same sums (fp32 accumulation; only the order of additions differs); Winograd's
-transforms round differently, by no more than the direct sum's own rounding in fp32 (2-3e-6 against float64
-where oneDNN's direct sum is at 1e-5, on unit-scale ImageNet-64 activations). Under autograd,
+transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to 2x the
+direct convolution's error, invisible at a U-Net's output (figures in cmfast/models/winograd.py). Under autograd,
 torch.compile or export, and with the reference backend forced for every op, the module is a plain nn.Conv2d.
 """
 
@@ -56,8 +57,7 @@ class Conv2d(nn.Conv2d):
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _channels_last(x)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple) and packed_available()):
             names.append("packed")
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and _channels_last(x) and winograd.applies(self)
-                and winograd.available()):
+        if _channels_last(x) and winograd.takes(self, x):
             names.append("winograd")
         return tuple(names)
 
@@ -117,7 +117,7 @@ class Conv2d(nn.Conv2d):
     def _winograd_filters(self) -> torch.Tensor:
         identity = self._identity()
         if self._winograd is None or self._winograd[0] != identity:
-            self._winograd = (identity, winograd.filters(self.weight))
+            self._winograd = (identity, winograd.prepared(self.weight))
         return self._winograd[1]
 
     def _packed_conv(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:

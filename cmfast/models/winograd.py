@@ -1,16 +1,26 @@
-"""The 3x3 convolution (stride 1, padding 1) as Winograd's F(2x2, 3x3) algorithm, for the CPU in fp32.
+"""The 3x3 convolution (stride 1, padding 1) as Winograd's F(2x2, 3x3) algorithm, for the CPU in fp32 and bf16.
 
 Each 2x2 block of outputs is computed from the 4x4 input patch around it: the patch d becomes V = B^T d B (16
 values per channel, additions only), the filter g becomes U = G g G^T once per weight, the 16 values are multiplied
-with U as 16 matrix products over the channels (torch.bmm), and the products M fold back into the 2x2 outputs
-Y = A^T M A (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). That is 16 multiplications
-per input/output channel pair and 2x2 outputs where the direct convolution does 36: 2.25x fewer. The rounding
-differs from the direct sum's (the transforms add and subtract inputs before the products), by about as much as
-another order of the direct sum does in fp32; in fp16/bf16 it would not (the transformed inputs would be rounded
-to 8 or 11 bits before the products, and torch's CPU bmm has no fp32 output for them), so this is fp32 only.
+with U as 16 matrix products over the channels, and the products M fold back into the 2x2 outputs Y = A^T M A
+(Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). That is 16 multiplications per
+input/output channel pair and 2x2 outputs where the direct convolution does 36: 2.25x fewer.
 
-The input and output transforms are compiled kernels (csrc/winograd.cpp); the image is run in chunks of tiles
-whose transformed values stay in cache between the three steps. `reference` is the same algorithm in torch ops.
+- fp32: compiled transforms (csrc/winograd.cpp) around torch.bmm, the image run in chunks of tiles whose
+  transformed values stay in cache between the three steps. The rounding differs from the direct sum's by about
+  as much as another order of the direct sum (2-3e-6 against float64 where oneDNN's direct sum is at 1e-5, on
+  unit-scale ImageNet-64 activations).
+- bf16, on CPUs with AMX (csrc/winograd_amx.cpp): the three steps in one op, a chunk of tiles at a time in each
+  thread's cache; the products are AMX tile multiplies with fp32 accumulation, so M stays fp32. V and U are
+  rounded to bf16 (the tiles' operand type), where the direct convolution rounds only its output. Measured against
+  the exact convolution of the same bf16 operands (unit-scale, 256-512 channels), root-mean-square: 3.2e-3 against
+  the direct bf16 convolution's 1.7e-3; 2.8e-3 against 2.2e-3 with the ResBlocks' residual (which the direct path
+  adds after rounding). Through a whole U-Net in bf16 this does not show: against the fp32 U-Net, the ImageNet-64
+  and LSUN-256 outputs are 2.26e-3 and 1.79e-3 off (rms, random weights) with every 3x3 convolution direct or
+  Winograd alike: the other bf16 roundings of the mixed mode dominate. It takes channel counts that are multiples
+  of 32 (a tile row); without AMX, bf16 has no Winograd path (the bmm route would round M to bf16 as well).
+
+`reference` is the algorithm in torch ops (any dtype), for tests.
 """
 
 from __future__ import annotations
@@ -23,10 +33,11 @@ _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
-# The transformed inputs and products of one chunk of tiles: small enough to stay in cache between the steps, and
+# fp32: the transformed inputs and products of one chunk of tiles: small enough to stay in cache between the steps, and
 # at least twice the transformed filters, which each chunk's products read whole (measured on 2 Zen 4 cores:
 # 4 MB is best where the filters are small, 4x192x64x64; 16-64 MB where they are large, 4x576x16x16).
 CHUNK_BYTES = 4 << 20
+AMX_STEP = 32  # the AMX kernel's block of channels: a tile row of 32 bf16
 
 
 def applies(conv: torch.nn.Conv2d) -> bool:
@@ -35,11 +46,24 @@ def applies(conv: torch.nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-def available() -> bool:
-    """Whether the compiled transforms are loaded (cmfast._C with its CPU kernels)."""
-    from .._extension import status
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this build runs the algorithm for `dtype` on this CPU: fp32 with the compiled transforms (cmfast._C
+    with its CPU kernels), bf16 where the CPU and OS also run AMX-BF16 (csrc/winograd_amx.cpp)."""
+    from .._extension import compiled, status
 
-    return status.cpu and hasattr(torch.ops.cmfast_C, "winograd_input")
+    if not (status.cpu and hasattr(torch.ops.cmfast_C, "winograd_input")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and compiled.cpu_runs_amx_bf16())
+
+
+def takes(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether conv(x) can run here as Winograd: a 3x3 convolution (applies), x fp32 or bf16 channels_last on the
+    CPU, in the weights' dtype; bf16 needs AMX and channel counts that are multiples of 32 (the tiles' width)."""
+    if not (applies(conv) and x.device.type == "cpu" and x.dtype == conv.weight.dtype and available(x.dtype)):
+        return False
+    if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return x.dtype == torch.float32 or (conv.in_channels % AMX_STEP == 0 and conv.out_channels % AMX_STEP == 0)
 
 
 def filters(weight: torch.Tensor) -> torch.Tensor:
@@ -49,8 +73,24 @@ def filters(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+def prepared(weight: torch.Tensor) -> torch.Tensor:
+    """The filters as conv3x3 takes them for this weight: filters(weight) in fp32; in bf16 packed as the AMX
+    kernel's tile operands, (out / 32, 16, in / 2, 32, 2): per block of 32 outputs and product k, a row per pair of
+    input channels holding the 32 outputs' pairs."""
+    u = filters(weight)
+    if weight.dtype != torch.bfloat16:
+        return u
+    _, cin, cout = u.shape
+    return u.view(16, cin // 2, 2, cout // AMX_STEP, AMX_STEP).permute(3, 0, 1, 4, 2).contiguous()
+
+
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None) -> torch.Tensor:
-    """conv2d(x, g, bias, padding=1) (+ add) from u = filters(g); x fp32 channels_last on the CPU; out channels_last."""
+    """conv2d(x, g, bias, padding=1) (+ add) from u = prepared(g), where takes(conv, x); out channels_last."""
+    if x.dtype == torch.bfloat16:
+        out = torch.empty((x.shape[0], u.shape[0] * AMX_STEP, *x.shape[2:]), dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        torch.ops.cmfast_C.winograd_amx(x, u, None if bias is None else bias.float(), add, out)
+        return out
     batch, channels, height, width = x.shape
     out_channels = u.shape[2]
     tiles = batch * ((height + 1) // 2) * ((width + 1) // 2)

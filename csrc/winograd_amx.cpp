@@ -1,0 +1,247 @@
+// Winograd's F(2x2, 3x3) convolution (stride 1, padding 1) for bfloat16 channels_last images on CPUs with AMX,
+// its three steps in one op. A thread takes a chunk of tiles at a time and keeps it in its own cache:
+//   1. V = B^T d B of the chunk's tiles into v[16][tiles][C] (bf16, rounded once from fp32);
+//   2. per block of 32 output channels, the 16 products M_k = V_k U_k as AMX tile multiplies (tdpbf16ps: bf16
+//      pairs, fp32 accumulation) into m[16][tiles][32] (fp32);
+//   3. Y = A^T M A for those 32 channels, plus bias and residual in fp32, rounded once to bf16.
+// Against winograd.cpp's three torch-level steps (its bmm returns M rounded to bf16 and streams V and M through
+// memory) M stays fp32 and nothing leaves the chunk but the output.
+//
+// The filters come packed by the caller (cmfast/models/winograd.py) as the tiles' B operands:
+// u[O / 32][16][C / 2][32][2]: per block of 32 output channels and product k, a row per pair of input channels,
+// the 32 outputs' pairs in it (128 bytes: two 16-column tiles side by side). C and O are multiples of 32.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+#include "amx.h"
+#include "common.h"
+#include "winograd_geometry.h"
+
+// GCC 12's AVX-512 intrinsics pass an undefined register as the unused merge source of the zero-extension and shift
+// in widen(); inlined into a loop it draws a false -Wmaybe-uninitialized (as in attention_loops.h).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#define CMFAST_ISA_AMX "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16"
+#define CMFAST_AMX __attribute__((target(CMFAST_ISA_AMX)))
+#define CMFAST_AMX_INLINE __attribute__((target(CMFAST_ISA_AMX), always_inline)) inline
+
+namespace cmfast {
+namespace {
+
+// 16 bf16 to fp32 (exact), and 16 fp32 to bf16 rounded to nearest even (NaN stays NaN).
+CMFAST_AMX_INLINE __m512 widen(const uint16_t* p) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+CMFAST_AMX_INLINE void store_bf16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Tiles a step (two A tiles of 16 rows), output channels a block (two B tiles of 16 columns) and input channels
+// a step (a tile row: 32 bf16).
+constexpr int64_t kStep = 32;
+// The chunk's transformed inputs: in L2 (2 MB a core on Sapphire Rapids) while step 2 reads them once per block of
+// output channels, beside a block's filters, the products and the chunk's outputs. Measured on 2 Sapphire Rapids
+// cores at LSUN-256's widths (256-512 channels, 64x64 to 256x256): 512 KB at least as fast as 256 KB, 1 MB or 2 MB
+// everywhere, by up to 10% at 512 -> 256 channels.
+constexpr int64_t kChunkBytes = 512 << 10;
+constexpr int64_t kMaxChunkTiles = 256;
+
+struct Conv {
+  Geometry g;
+  int64_t channels, out_channels, chunk;  // chunk: tiles a chunk, a multiple of kStep
+  const uint16_t* x;
+  const uint16_t* u;
+  const float* bias;
+  const uint16_t* add;
+  uint16_t* y;
+
+  // Elements between the 16 products' slices in the chunk's buffers v[16][chunk][C] and m[16][chunk][32]: one
+  // cache line more than the slice, so the 16 lines a tile's transform touches at the same offset in each slice do
+  // not all fall in one L1 set (slices of a power-of-two size would: 16 lines into 12 ways).
+  int64_t v_stride() const { return chunk * channels + 32; }
+  int64_t m_stride() const { return chunk * kStep + 16; }
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T[], FreeDeleter> aligned_buffer(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "winograd_amx: out of memory for a chunk's buffers");
+  return std::unique_ptr<T[], FreeDeleter>(p);
+}
+
+// A tile's 4x4 patch, 16 channels from c (bf16 widened exactly; zeros outside the image), to V = B^T d B rounded
+// to bf16 (to nearest even), v[k][c..c+16) at out + k * stride.
+CMFAST_AMX_INLINE void input_block(const uint16_t* const* rows, int64_t c, uint16_t* out, int64_t stride) {
+  __m512 d[16];
+  for (int k = 0; k < 16; ++k) {
+    d[k] = rows[k] == nullptr ? _mm512_setzero_ps() : widen(rows[k] + c);
+  }
+  __m512 t[16];  // t = B^T d: along the patch's rows
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_sub_ps(d[j], d[8 + j]);
+    t[4 + j] = _mm512_add_ps(d[4 + j], d[8 + j]);
+    t[8 + j] = _mm512_sub_ps(d[8 + j], d[4 + j]);
+    t[12 + j] = _mm512_sub_ps(d[4 + j], d[12 + j]);
+  }
+  for (int a = 0; a < 4; ++a) {  // V = t B: along its columns
+    const __m512* r = t + 4 * a;
+    store_bf16(out + (4 * a + 0) * stride + c, _mm512_sub_ps(r[0], r[2]));
+    store_bf16(out + (4 * a + 1) * stride + c, _mm512_add_ps(r[1], r[2]));
+    store_bf16(out + (4 * a + 2) * stride + c, _mm512_sub_ps(r[2], r[1]));
+    store_bf16(out + (4 * a + 3) * stride + c, _mm512_sub_ps(r[1], r[3]));
+  }
+}
+
+// A tile's 16 products (fp32, m[k][c..c+16) at m + k * stride) to Y = A^T M A, plus bias and residual in fp32,
+// rounded once to bf16 into the tile's 2x2 pixels (nullptr outside the image), channels c..c+16.
+CMFAST_AMX_INLINE void output_block(const float* m, int64_t stride, int64_t c, const float* bias,
+                                    uint16_t* const* pixels, const uint16_t* const* adds) {
+  __m512 s[8];  // s = A^T M: two rows of four
+  for (int b = 0; b < 4; ++b) {
+    const __m512 m0 = _mm512_loadu_ps(m + b * stride + c), m1 = _mm512_loadu_ps(m + (4 + b) * stride + c);
+    const __m512 m2 = _mm512_loadu_ps(m + (8 + b) * stride + c), m3 = _mm512_loadu_ps(m + (12 + b) * stride + c);
+    s[b] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+    s[4 + b] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+  }
+  const __m512 beta = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + c);
+  for (int r = 0; r < 2; ++r) {
+    const __m512* q = s + 4 * r;
+    const __m512 y[2] = {_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), q[2]), beta),
+                         _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(q[1], q[2]), q[3]), beta)};
+    for (int col = 0; col < 2; ++col) {
+      uint16_t* p = pixels[2 * r + col];
+      if (p == nullptr) continue;
+      const uint16_t* add = adds[2 * r + col];
+      store_bf16(p + c, add == nullptr ? y[col] : _mm512_add_ps(y[col], widen(add + c)));
+    }
+  }
+}
+
+// m[k][t0 + r][0..32) = sum over c of v[k][t0 + r][c] u[k][c][0..32), r < 32, for one block of output channels.
+CMFAST_AMX void products(const Conv& p, const uint16_t* v, const uint16_t* u_block, int64_t rows, float* m) {
+  const int64_t c_count = p.channels;
+  for (int k = 0; k < 16; ++k) {
+    const uint16_t* uk = u_block + k * c_count * kStep;  // [C / 2][32][2]
+    const uint16_t* vk = v + k * p.v_stride();
+    float* mk = m + k * p.m_stride();
+    for (int64_t t0 = 0; t0 < rows; t0 += kStep) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c0 = 0; c0 < c_count; c0 += kStep) {
+        _tile_loadd(6, uk + c0 * kStep, kStep * 4);  // pair rows c0 / 2 .. + 16, outputs 0-15
+        _tile_loadd(7, uk + c0 * kStep + kStep, kStep * 4);  // outputs 16-31
+        _tile_loadd(4, vk + t0 * c_count + c0, c_count * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, vk + (t0 + 16) * c_count + c0, c_count * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, mk + t0 * kStep, kStep * 4);
+      _tile_stored(1, mk + t0 * kStep + 16, kStep * 4);
+      _tile_stored(2, mk + (t0 + 16) * kStep, kStep * 4);
+      _tile_stored(3, mk + (t0 + 16) * kStep + 16, kStep * 4);
+    }
+  }
+}
+
+// The tiles [tile0, tile0 + count) through the three steps; v and m: this thread's buffers.
+CMFAST_AMX void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t* v, float* m) {
+  const int64_t c_count = p.channels;
+  // The last step of 32 rows may run past the chunk's tiles: those rows of v hold stale values, and the rows of m
+  // they give (a tile product's rows are independent) are never read.
+  const int64_t rows = (count + kStep - 1) / kStep * kStep;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t* patch[16];
+    p.g.patch(p.x, c_count, tile0 + i, patch);
+    for (int64_t c = 0; c < c_count; c += 16) input_block(patch, c, v + i * c_count, p.v_stride());
+  }
+  for (int64_t o0 = 0; o0 < p.out_channels; o0 += kStep) {
+    products(p, v, p.u + o0 * 16 * c_count, rows, m);
+    for (int64_t i = 0; i < count; ++i) {
+      uint16_t* pixels[4];
+      const uint16_t* adds[4];
+      p.g.outputs(p.y + o0, p.add == nullptr ? nullptr : p.add + o0, p.out_channels, tile0 + i, pixels, adds);
+      const float* bias = p.bias == nullptr ? nullptr : p.bias + o0;
+      output_block(m + i * kStep, p.m_stride(), 0, bias, pixels, adds);
+      output_block(m + i * kStep, p.m_stride(), 16, bias, pixels, adds);
+    }
+  }
+}
+
+// Chunks [first, last) on this thread, with its own buffers and tile configuration.
+CMFAST_AMX void run_chunks(const Conv& p, int64_t first, int64_t last) {
+  const int64_t tiles = p.g.tiles();
+  auto v = aligned_buffer<uint16_t>(16 * p.v_stride());
+  auto m = aligned_buffer<float>(16 * p.m_stride());
+  configure_tiles();
+  for (int64_t c = first; c < last; ++c) {
+    run_chunk(p, c * p.chunk, std::min(p.chunk, tiles - c * p.chunk), v.get(), m.get());
+  }
+  _tile_release();
+}
+
+void check_bf16_image(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4, name,
+              ": expected a 4-d bfloat16 CPU tensor");
+  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": expected channels_last");
+}
+
+void winograd_amx(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                  const std::optional<at::Tensor>& add, const at::Tensor& y) {
+  TORCH_CHECK(cpu_runs_amx_bf16(), "winograd_amx: this CPU (or OS) does not run AMX-BF16");
+  check_bf16_image(x, "winograd_amx: x");
+  check_bf16_image(y, "winograd_amx: y");
+  const int64_t channels = x.size(1), out_channels = y.size(1);
+  TORCH_CHECK(channels % kStep == 0 && out_channels % kStep == 0,
+              "winograd_amx: the channel counts must be multiples of 32");
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(2) == x.size(2) && y.size(3) == x.size(3),
+              "winograd_amx: y must be x's batch and image size");
+  TORCH_CHECK(u.scalar_type() == at::kBFloat16 && u.is_contiguous() &&
+                  u.sizes() == at::IntArrayRef({out_channels / kStep, 16, channels / 2, kStep, 2}),
+              "winograd_amx: u must be the packed filters, contiguous bfloat16 (O / 32, 16, C / 2, 32, 2)");
+  if (add.has_value() && add->defined()) {
+    check_bf16_image(*add, "winograd_amx: add");
+    TORCH_CHECK(add->sizes() == y.sizes(), "winograd_amx: add must have the shape of y");
+  }
+  const Geometry g = geometry_of(x.size(0), x.size(2), x.size(3));
+  const int64_t tiles = g.tiles();
+  if (tiles == 0) return;
+  // As many tiles a chunk as keep V in kChunkBytes, but enough chunks for every thread.
+  const int64_t threads = at::get_num_threads();
+  const int64_t fit = std::clamp(kChunkBytes / (16 * channels * 2) / kStep * kStep, kStep, kMaxChunkTiles);
+  const int64_t share = ((tiles + threads - 1) / threads + kStep - 1) / kStep * kStep;
+  const int64_t chunk = std::min(fit, share);
+  const Conv p{g,
+               channels,
+               out_channels,
+               chunk,
+               static_cast<const uint16_t*>(x.const_data_ptr()),
+               static_cast<const uint16_t*>(u.const_data_ptr()),
+               optional_f32(bias, {out_channels}, y, "winograd_amx: bias"),
+               add.has_value() && add->defined() ? static_cast<const uint16_t*>(add->const_data_ptr()) : nullptr,
+               static_cast<uint16_t*>(y.data_ptr())};
+  const int64_t chunks = (tiles + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) { run_chunks(p, first, last); });
+}
+
+}  // namespace
+}  // namespace cmfast
+
+TORCH_LIBRARY_FRAGMENT(cmfast_C, m) {
+  m.def("winograd_amx(Tensor x, Tensor u, Tensor? bias, Tensor? add, Tensor(a!) y) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("winograd_amx", &cmfast::winograd_amx); }
