@@ -67,17 +67,25 @@ struct Conv {
   int64_t m_stride() const { return chunk * kStep + 16; }
 };
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
+// A thread's scratch for the chunks' v and m, kept between calls (up to about 1 MB a thread): allocated anew per
+// call, buffers past glibc's mmap threshold would be mapped and faulted in every call.
+struct Scratch {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<char[], Free> data;
+  size_t bytes = 0;
 
-template <typename T>
-std::unique_ptr<T[], FreeDeleter> aligned_buffer(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  TORCH_CHECK(p != nullptr, "winograd_amx: out of memory for a chunk's buffers");
-  return std::unique_ptr<T[], FreeDeleter>(p);
-}
+  char* get(size_t want) {
+    want = (want + 63) / 64 * 64;
+    if (want > bytes) {
+      data.reset(static_cast<char*>(std::aligned_alloc(64, want)));
+      bytes = data ? want : 0;
+      TORCH_CHECK(data != nullptr, "winograd_amx: out of memory for a chunk's buffers");
+    }
+    return data.get();
+  }
+};
 
 // A tile's 4x4 patch, 16 channels from c (bf16 widened exactly; zeros outside the image), to V = B^T d B rounded
 // to bf16 (to nearest even), v[k][c..c+16) at out + k * stride.
@@ -184,11 +192,14 @@ CMFAST_AMX void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t*
 // Chunks [first, last) on this thread, with its own buffers and tile configuration.
 CMFAST_AMX void run_chunks(const Conv& p, int64_t first, int64_t last) {
   const int64_t tiles = p.g.tiles();
-  auto v = aligned_buffer<uint16_t>(16 * p.v_stride());
-  auto m = aligned_buffer<float>(16 * p.m_stride());
+  static thread_local Scratch scratch;
+  const size_t v_bytes = (16 * p.v_stride() * sizeof(uint16_t) + 63) / 64 * 64;
+  char* buffer = scratch.get(v_bytes + 16 * p.m_stride() * sizeof(float));
+  uint16_t* v = reinterpret_cast<uint16_t*>(buffer);
+  float* m = reinterpret_cast<float*>(buffer + v_bytes);
   configure_tiles();
   for (int64_t c = first; c < last; ++c) {
-    run_chunk(p, c * p.chunk, std::min(p.chunk, tiles - c * p.chunk), v.get(), m.get());
+    run_chunk(p, c * p.chunk, std::min(p.chunk, tiles - c * p.chunk), v, m);
   }
   _tile_release();
 }
