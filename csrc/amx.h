@@ -37,5 +37,42 @@ __attribute__((target("amx-tile"), always_inline)) inline void configure_tiles()
   _tile_loadconfig(&config);
 }
 
+#define CMFAST_AMX_TILE_INLINE __attribute__((target("amx-tile,amx-bf16"), always_inline)) inline
+
+// One step of a 32x32 fp32 block held in tiles 0-3 (0: rows 0-15 x columns 0-15, 1: rows 0-15 x 16-31, 2: rows
+// 16-31 x 0-15, 3: rows 16-31 x 16-31): block += A B, with A's two 16-row tiles of 32 bf16 at a0 and a1 and B's two
+// 16-column tiles of 16 bf16 pairs at b0 and b1 (strides in bytes). Tiles 4-5 hold A, 6-7 hold B.
+CMFAST_AMX_TILE_INLINE void multiply_2x2(const void* a0, const void* a1, int64_t a_stride, const void* b0,
+                                         const void* b1, int64_t b_stride) {
+  _tile_loadd(6, b0, b_stride);
+  _tile_loadd(7, b1, b_stride);
+  _tile_loadd(4, a0, a_stride);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_loadd(5, a1, a_stride);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// The 32x32 block in tiles 0-3 from / to row-major fp32 c with `stride` floats between rows.
+CMFAST_AMX_TILE_INLINE void load_2x2(const float* c, int64_t stride) {
+  _tile_loadd(0, c, stride * 4);
+  _tile_loadd(1, c + 16, stride * 4);
+  _tile_loadd(2, c + 16 * stride, stride * 4);
+  _tile_loadd(3, c + 16 * stride + 16, stride * 4);
+}
+CMFAST_AMX_TILE_INLINE void store_2x2(float* c, int64_t stride) {
+  _tile_stored(0, c, stride * 4);
+  _tile_stored(1, c + 16, stride * 4);
+  _tile_stored(2, c + 16 * stride, stride * 4);
+  _tile_stored(3, c + 16 * stride + 16, stride * 4);
+}
+CMFAST_AMX_TILE_INLINE void zero_2x2() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
 }  // namespace
 }  // namespace cmfast

@@ -17,8 +17,7 @@
 namespace cmfast {
 namespace {
 
-// Tiles 0-3: the fp32 results of a 32x32 block (2x2 tiles of 16x16); 4-5: two A operands (16 rows of 32 bf16);
-// 6-7: two B operands (16 rows of 16 bf16 pairs).
+// Both products in 32x32 blocks of tiles (amx.h's multiply_2x2).
 struct AmxDot : Bf16Dot {
   static constexpr bool kTiles = true;
   static constexpr int kKeyStep = 32;
@@ -32,24 +31,12 @@ struct AmxDot : Bf16Dot {
   CMFAST_KERNEL static void scores(const H& h, int64_t j0, int64_t keys, int64_t i0, float* s) {
     const int64_t k_stride = h.D * 2, q_stride = h.q_row * 2;  // bytes
     for (int64_t j = 0; j < keys; j += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_2x2();
       for (int64_t d = 0; d < h.D; d += 32) {
-        _tile_loadd(4, h.k + (j0 + j) * h.D + d, k_stride);
-        _tile_loadd(5, h.k + (j0 + j + 16) * h.D + d, k_stride);
-        _tile_loadd(6, h.q + d / 2 * h.q_row + i0 * 2, q_stride);
-        _tile_loadd(7, h.q + d / 2 * h.q_row + (i0 + 16) * 2, q_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        multiply_2x2(h.k + (j0 + j) * h.D + d, h.k + (j0 + j + 16) * h.D + d, k_stride,
+                     h.q + d / 2 * h.q_row + i0 * 2, h.q + d / 2 * h.q_row + (i0 + 16) * 2, q_stride);
       }
-      _tile_stored(0, s + j * kQ, kQ * 4);
-      _tile_stored(1, s + j * kQ + 16, kQ * 4);
-      _tile_stored(2, s + (j + 16) * kQ, kQ * 4);
-      _tile_stored(3, s + (j + 16) * kQ + 16, kQ * 4);
+      store_2x2(s + j * kQ, kQ);
     }
   }
 
@@ -66,24 +53,12 @@ struct AmxDot : Bf16Dot {
     const int64_t v_stride = h.k_pad * 2, p_stride = kQ * 2 * 2;  // bytes
     for (int64_t d = 0; d < h.D; d += 32) {
       float* out = o + d * kQ;
-      _tile_loadd(0, out, kQ * 4);
-      _tile_loadd(1, out + 16, kQ * 4);
-      _tile_loadd(2, out + 16 * kQ, kQ * 4);
-      _tile_loadd(3, out + 16 * kQ + 16, kQ * 4);
+      load_2x2(out, kQ);
       for (int64_t j = 0; j < keys; j += 32) {
-        _tile_loadd(4, h.v + d * h.k_pad + j0 + j, v_stride);
-        _tile_loadd(5, h.v + (d + 16) * h.k_pad + j0 + j, v_stride);
-        _tile_loadd(6, p + j * kQ, p_stride);
-        _tile_loadd(7, p + j * kQ + 32, p_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        multiply_2x2(h.v + d * h.k_pad + j0 + j, h.v + (d + 16) * h.k_pad + j0 + j, v_stride, p + j * kQ,
+                     p + j * kQ + 32, p_stride);
       }
-      _tile_stored(0, out, kQ * 4);
-      _tile_stored(1, out + 16, kQ * 4);
-      _tile_stored(2, out + 16 * kQ, kQ * 4);
-      _tile_stored(3, out + 16 * kQ + 16, kQ * 4);
+      store_2x2(out, kQ);
     }
   }
 };

@@ -143,24 +143,12 @@ CMFAST_AMX void products(const Conv& p, const uint16_t* v, const uint16_t* u_blo
     const uint16_t* vk = v + k * p.v_stride();
     float* mk = m + k * p.m_stride();
     for (int64_t t0 = 0; t0 < rows; t0 += kStep) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t c0 = 0; c0 < c_count; c0 += kStep) {
-        _tile_loadd(6, uk + c0 * kStep, kStep * 4);  // pair rows c0 / 2 .. + 16, outputs 0-15
-        _tile_loadd(7, uk + c0 * kStep + kStep, kStep * 4);  // outputs 16-31
-        _tile_loadd(4, vk + t0 * c_count + c0, c_count * 2);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, vk + (t0 + 16) * c_count + c0, c_count * 2);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+      zero_2x2();
+      for (int64_t c0 = 0; c0 < c_count; c0 += kStep) {  // B: pair rows c0 / 2 .. + 16, outputs 0-15 and 16-31
+        multiply_2x2(vk + t0 * c_count + c0, vk + (t0 + 16) * c_count + c0, c_count * 2, uk + c0 * kStep,
+                     uk + c0 * kStep + kStep, kStep * 4);
       }
-      _tile_stored(0, mk + t0 * kStep, kStep * 4);
-      _tile_stored(1, mk + t0 * kStep + 16, kStep * 4);
-      _tile_stored(2, mk + (t0 + 16) * kStep, kStep * 4);
-      _tile_stored(3, mk + (t0 + 16) * kStep + 16, kStep * 4);
+      store_2x2(mk + t0 * kStep, kStep);
     }
   }
 }
