@@ -212,9 +212,13 @@ def cuda_graph(fn, device):
 
 
 def _backends_note(session) -> str:
+    from cmfast._extension import status
+
+    # a stale or missing build leaves cmfast on its torch paths: rows that must not pass for the compiled ones
+    off = "" if status.loaded else f"; compiled kernels off: {status.reason}"
     if cmfast.tuning.enabled():
-        return "choices by measurement (cmfast.tuning, recorded in this run's cache)"
-    return " ".join(f"{op}={session.default_backend(op)}" for op in ("group_norm", "attention", "consistency"))
+        return "choices by measurement (cmfast.tuning, recorded in this run's cache)" + off
+    return " ".join(f"{op}={session.default_backend(op)}" for op in ("group_norm", "attention", "consistency")) + off
 
 
 def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype) -> None:

@@ -203,3 +203,18 @@ def test_bad_compile_mode_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--compile-modes: expected names among default"):
         run.run(args, log=lambda _: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_rows_say_when_the_compiled_kernels_are_off(monkeypatch):
+    """A stale build turns cmfast._C off (cmfast runs its torch paths): the U-Net rows' note says so, so a table
+    measured that way cannot pass for the compiled kernels' figures."""
+    from benchmarks import bench_sampling
+    from cmfast import _extension
+
+    session = argparse.Namespace(default_backend=lambda op: "reference")
+    stale = _extension.ExtensionStatus(loaded=False, cpu=False, cuda=False, reason="cmfast._C is stale")
+    monkeypatch.setattr(_extension, "status", stale)
+    assert bench_sampling._backends_note(session).endswith("compiled kernels off: cmfast._C is stale")
+    loaded = _extension.ExtensionStatus(loaded=True, cpu=True, cuda=False, reason="")
+    monkeypatch.setattr(_extension, "status", loaded)
+    assert "off" not in bench_sampling._backends_note(session)
