@@ -43,6 +43,10 @@ def report(verbose: bool = False) -> str:
         kernels = compiled.attention_cpu_kernels()
         lines.append("attention CPU kernels this CPU runs: " + (", ".join(kernels) if kernels else
                      "none (they need AVX-512; the torch backend serves)"))
+        from .models import winograd
+
+        bf16 = "bf16 too (AMX)" if winograd.available(torch.bfloat16) else "not bf16 (it needs AMX-BF16)"
+        lines.append(f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}")
     else:
         lines.append(f"cmfast._C: off ({extension.reason})")
     forced = {op: backends.forced(op) for op in IMPLEMENTED if backends.forced(op)}

@@ -85,6 +85,10 @@ def test_info_tells_the_truth(capsys):
     if cmfast.extension.loaded:
         assert "cmfast._C: loaded; CPU part: yes" in text
         assert f"CUDA part: {'yes' if cmfast.extension.cuda else 'no'}" in text
+        from cmfast.models import winograd
+
+        bf16 = "bf16 too (AMX)" if winograd.available(torch.bfloat16) else "not bf16"
+        assert f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}" in text
     else:
         assert f"cmfast._C: off ({cmfast.extension.reason})" in text
     kernels = ", ".join(cmfast.ops.IMPLEMENTED["consistency"])
