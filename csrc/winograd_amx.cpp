@@ -4,8 +4,8 @@
 //   2. per block of 32 output channels, the 16 products M_k = V_k U_k as AMX tile multiplies (tdpbf16ps: bf16
 //      pairs, fp32 accumulation) into m[16][tiles][32] (fp32);
 //   3. Y = A^T M A for those 32 channels, plus bias and residual in fp32, rounded once to bf16.
-// Against winograd.cpp's three torch-level steps (its bmm returns M rounded to bf16 and streams V and M through
-// memory) M stays fp32 and nothing leaves the chunk but the output.
+// Against the fp32 route (winograd.cpp's transforms around torch.bmm, whose bf16 products would come back rounded
+// to bf16, with V and M streamed through memory) M stays fp32 and nothing leaves the chunk but the output.
 //
 // The filters come packed by the caller (cmfast/models/winograd.py) as the tiles' B operands:
 // u[O / 32][16][C / 2][32][2]: per block of 32 output channels and product k, a row per pair of input channels,
@@ -62,7 +62,7 @@ struct Conv {
 
   // Elements between the 16 products' slices in the chunk's buffers v[16][chunk][C] and m[16][chunk][32]: one
   // cache line more than the slice, so the 16 lines a tile's transform touches at the same offset in each slice do
-  // not all fall in one L1 set (slices of a power-of-two size would: 16 lines into 12 ways).
+  // not all fall in one L1 set (slices a multiple of 4 KB long would: 16 lines into 12 ways).
   int64_t v_stride() const { return chunk * channels + 32; }
   int64_t m_stride() const { return chunk * kStep + 16; }
 };
