@@ -197,6 +197,18 @@ def _add_training(sub) -> None:
     p.add_argument("--until", type=int, default=None, help="stop at this step (rerun without it to finish)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="constant, or cosine: from --lr down to zero at the last of --steps")
+    p.add_argument("--target", default="online", choices=["online", "ema"],
+                   help="ct/cd: the network the targets come from: online (itself, gradient stopped: improved CT) or "
+                        "ema (an EMA of it: decay --mu0 throughout with a fixed N, the paper's CD; else the paper's "
+                        "CT schedule from --mu0)")
+    p.add_argument("--index-sampling", default="lognormal", choices=["lognormal", "uniform"],
+                   help="ct/cd: how a step's pair of adjacent levels is drawn: lognormal in sigma (improved CT) or "
+                        "uniform over the N - 1 pairs (the paper)")
+    p.add_argument("--weighting", default="inverse_gap", choices=["inverse_gap", "uniform"],
+                   help="ct/cd: the loss weight of a pair: 1 / (t_n+1 - t_n) (improved CT) or 1 (the paper)")
+    p.add_argument("--mu0", type=float, default=0.95, help="ct/cd with --target ema: the target EMA's decay")
     p.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "l2", "l1"])
     p.add_argument("--ema-decay", type=float, default=0.995, help="decay of the EMA of the weights that are saved")
     p.add_argument("--n-schedule", default="doubling", choices=["doubling", "paper", "fixed"],

@@ -198,13 +198,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--model: unknown preset {args.model!r}; known: {', '.join(PRESETS)}")
     if not args.lr > 0 or not math.isfinite(args.lr):
         raise ValueError(f"--lr: expected a positive finite number, got {args.lr}")
+    if not 0 <= args.mu0 < 1:
+        raise ValueError(f"--mu0: expected a decay in [0, 1), got {args.mu0}")
     if args.n_points is not None and args.n_points < 2:
         raise ValueError(f"--n-points: expected at least 2 noise levels, got {args.n_points}")
     start = {"doubling": 10, "paper": 2, "fixed": 40}[args.n_schedule] if args.n_points is None else args.n_points
     schedule = {"n_schedule": args.n_schedule, "s0": start, **({"s1": 150} if args.n_schedule == "paper" else {})}
     config = TrainConfig(method=args.method, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                          distance=args.distance, teacher=args.teacher, checkpoint_every=args.checkpoint_every,
-                         ema_decay=args.ema_decay, init=args.init, **schedule)
+                         ema_decay=args.ema_decay, init=args.init, lr_schedule=args.lr_schedule, target=args.target,
+                         mu0=args.mu0, index_sampling=args.index_sampling, weighting=args.weighting, **schedule)
     unet_config = PRESETS[args.model].unet
     data = digits.load(unet_config.image_size)
     torch.set_num_threads(args.threads)

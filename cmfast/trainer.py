@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,11 @@ class TrainConfig:
     s1: int = 1280
     index_sampling: str = "lognormal"  # lognormal (improved CT) | uniform (paper)
     weighting: str = "inverse_gap"  # inverse_gap: 1 / (t_{n+1} - t_n) (improved CT) | uniform
-    target: str = "online"  # online: stop-gradient of the online network (improved CT) | ema: mu(k) of the paper
+    # online: stop-gradient of the online network (improved CT) | ema: an EMA of it, decay mu(k) of the paper's CT,
+    # or, with a fixed N, mu0 throughout (the paper's CD)
+    target: str = "online"
     mu0: float = 0.95
+    lr_schedule: str = "constant"  # constant | cosine (from lr down to zero at the last step)
     ema_decay: float = 0.995
     checkpoint_every: int = 250
     teacher: str | None = None  # CD: path of the EDM teacher's checkpoint
@@ -49,7 +53,8 @@ class TrainConfig:
     def __post_init__(self):
         checks = {"method": training.METHODS, "distance": ("l2", "l1", "pseudo_huber"),
                   "n_schedule": ("doubling", "paper", "fixed"), "index_sampling": ("lognormal", "uniform"),
-                  "weighting": ("inverse_gap", "uniform"), "target": ("online", "ema"), "init": ("teacher", "fresh")}
+                  "weighting": ("inverse_gap", "uniform"), "target": ("online", "ema"), "init": ("teacher", "fresh"),
+                  "lr_schedule": ("constant", "cosine")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -59,8 +64,20 @@ class TrainConfig:
             raise ValueError(f"ema_decay: expected a number in [0, 1), got {self.ema_decay!r}")
         if not isinstance(self.s0, int) or self.s0 < 2 or (self.n_schedule != "fixed" and self.s1 < self.s0):
             raise ValueError(f"s0, s1: expected 2 <= s0 <= s1 grid points, got {self.s0}, {self.s1}")
+        if not 0 <= self.mu0 < 1:
+            raise ValueError(f"mu0: expected a number in [0, 1), got {self.mu0!r}")
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"steps, batch: expected positive, got {self.steps}, {self.batch}")
+
+    def learning_rate(self, step: int) -> float:
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        return self.lr
+
+    def target_ema(self, step: int) -> float:
+        if self.n_schedule == "fixed":
+            return self.mu0
+        return training.paper_target_ema(step, self.steps, mu0=self.mu0)
 
     def n_points(self, step: int) -> int:
         if self.n_schedule == "fixed":
@@ -202,11 +219,13 @@ class Run:
                 gen = training.step_generator(c.seed, self.step)
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # dropout, if any
                 loss = self.loss(gen)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = c.learning_rate(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 if self.target is not None:
-                    training.ema_update(self.target, self.model, training.paper_target_ema(self.step, c.steps, mu0=c.mu0))
+                    training.ema_update(self.target, self.model, c.target_ema(self.step))
                 training.ema_update(self.ema, self.model, c.ema_decay)
                 self.step += 1
                 last = loss.detach().item()

@@ -31,6 +31,19 @@ def test_train_resumes_and_refuses_other_settings(trained, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_train_options_reach_the_run(tmp_path):
+    """The training options of the command line are the run's settings (recorded in its state)."""
+    import json
+
+    options = {"--target": "ema", "--mu0": "0.9", "--lr-schedule": "cosine", "--index-sampling": "uniform",
+               "--weighting": "uniform", "--n-schedule": "fixed", "--n-points": "12"}
+    argv = [a for pair in options.items() for a in pair]
+    assert main(["train", "--steps", "1", "--batch", "2", "--out", str(tmp_path), *argv]) == 0
+    config = json.loads(torch.load(tmp_path / "state.pt", weights_only=True)["config"])
+    assert (config["target"], config["mu0"], config["lr_schedule"], config["index_sampling"], config["weighting"],
+            config["n_schedule"], config["s0"]) == ("ema", 0.9, "cosine", "uniform", "uniform", "fixed", 12)
+
+
 def test_evaluate_reports_samples_beside_real_digits_and_noise(trained, capsys):
     assert main(["evaluate", str(trained / "model.safetensors"), "--num-per-class", "3"]) == 0
     out = capsys.readouterr().out

@@ -127,6 +127,8 @@ def test_train_refuses_a_model_it_would_not_resume(checkpoint, tmp_path, capsys)
     (["--model", "foo"], "--model: unknown preset 'foo'; known: "),
     (["--lr", "nan"], "--lr: expected a positive finite number, got nan"),
     (["--n-points", "1"], "--n-points: expected at least 2 noise levels, got 1"),
+    (["--mu0", "1"], "--mu0: expected a decay in [0, 1), got 1.0"),
+    (["--mu0", "nan"], "--mu0: expected a decay in [0, 1), got nan"),
     (["--n-schedule", "doubling", "--n-points", "2000"], "s0, s1: expected 2 <= s0 <= s1 grid points, got 2000, 1280"),
 ])
 def test_train_bad_options(tmp_path, capsys, argv, message):

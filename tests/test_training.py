@@ -155,3 +155,36 @@ def test_fixed_discretisation_keeps_n():
     config = TrainConfig(method="ct", steps=100, n_schedule="fixed", s0=40)
     assert {config.n_points(k) for k in range(0, 100, 7)} == {40}
     assert TrainConfig(method="ct", steps=100).n_points(99) > TrainConfig(method="ct", steps=100).n_points(0)
+
+
+def test_cosine_learning_rate_reaches_zero_at_the_last_step(tmp_path, gen):
+    config = TrainConfig(method="ct", steps=8, batch=4, lr=1e-3, lr_schedule="cosine")
+    assert config.learning_rate(0) == pytest.approx(1e-3) and config.learning_rate(4) == pytest.approx(5e-4)
+    assert config.learning_rate(8) == pytest.approx(0, abs=1e-12)
+    assert TrainConfig(method="ct", lr=1e-3).learning_rate(7) == 1e-3
+    x, y = _data(gen)
+    run = Run(tmp_path / "r", config, TINY, x, y)
+    seen = []
+    step = run.optimizer.step
+    run.optimizer.step = lambda: (seen.append(run.optimizer.param_groups[0]["lr"]), step())
+    run.train(progress=False)
+    assert seen == pytest.approx([config.learning_rate(k) for k in range(8)])
+
+
+@pytest.mark.parametrize("schedule, want", [("fixed", lambda k: 0.9), ("paper", lambda k: training.paper_target_ema(
+    k, 3, mu0=0.9))])
+def test_target_ema_decay(schedule, want, tmp_path, gen):
+    """With a fixed N the target's EMA decays by mu0 at every step (the paper's CD); else the paper's CT schedule."""
+    x, y = _data(gen)
+    config = TrainConfig(method="ct", steps=3, batch=4, target="ema", mu0=0.9, n_schedule=schedule, s0=10 if
+                         schedule == "fixed" else 2, s1=150)
+    run = Run(tmp_path / schedule, config, TINY, x, y)
+    for k in range(3):
+        before = {n: p.detach().clone() for n, p in run.target.named_parameters()}
+        run.train(until=k + 1, progress=False)
+        model = dict(run.model.named_parameters())
+        for name, p in run.target.named_parameters():
+            mu = want(k)
+            torch.testing.assert_close(p, mu * before[name] + (1 - mu) * model[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mu0"):
+        TrainConfig(target="ema", mu0=1.0)

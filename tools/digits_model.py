@@ -45,12 +45,7 @@ def arguments(argv=None) -> argparse.Namespace:
                    help="where the student starts (fresh: on these digits, started from the teacher's weights at lr "
                         "1e-4, 1000 steps gave grainy one-step samples: 91.4%% recognised, 2.19x the real digits' "
                         "high-frequency energy)")
-    # From the shipped (fp16) teacher, 1000 steps, 1 thread, one-step / two-step recognised, one-step high-frequency
-    # energy: N = 40 94.8% / 97.0%; N = 25 95.8% / 97.0%, 1.37x; N = 18 96.4% / 97.6% but 1.48x (grainier than the
-    # 1.3x target); N = 12 94.2% / 95.4%, 2.40x; with the L2 distance instead of pseudo-Huber, N = 40 94.2% / 96.0%,
-    # 1.09x, N = 18 94.2% / 96.8%, 1.30x. (N = 18 with the saved weights' EMA at 0.999: 55.4%, the average still
-    # holding the first steps' weights.) The recipe's own run (N = 40, the fp32 teacher, 2
-    # threads) gave 96.6% / 97.2%: runs that differ only in rounding land up to 2% apart.
+    # the CD variants tried, and what they scored: docs/digits-model.md
     p.add_argument("--cd-n", type=int, default=40, help="CD's fixed number of noise levels (the paper's N)")
     p.add_argument("--ct-steps", type=int, default=1500)
     p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class")
