@@ -1,5 +1,6 @@
 """The built-in digits model's commands: train (resumable), evaluate, demo, and sampling with no checkpoint."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,6 @@ def test_train_resumes_and_refuses_other_settings(trained, capsys):
 
 def test_train_options_reach_the_run(tmp_path):
     """The training options of the command line are the run's settings (recorded in its state)."""
-    import json
-
     options = {"--target": "ema", "--mu0": "0.9", "--lr-schedule": "cosine", "--index-sampling": "uniform",
                "--weighting": "uniform", "--n-schedule": "fixed", "--n-points": "12"}
     argv = [a for pair in options.items() for a in pair]
@@ -154,8 +153,10 @@ def test_the_recipe_at_small_size(tmp_path, capsys):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     argv = ["--run", str(tmp_path / "run"), "--ship", str(tmp_path / "ship"), "--teacher-steps", "3", "--cd-steps",
-            "2", "--ct-steps", "2", "--batch", "4", "--per-class", "2"]
+            "2", "--ct-steps", "2", "--batch", "4", "--per-class", "2", "--cd-batch", "3", "--cd-target", "ema"]
     assert recipe.main(argv) == 0
+    cd = json.loads(torch.load(tmp_path / "run" / "cd" / "state.pt", weights_only=True)["config"])
+    assert (cd["batch"], cd["target"], cd["mu0"]) == (3, "ema", 0.95)
     report = (tmp_path / "run" / "report.md").read_text()
     for row in ("| teacher | Heun (18 levels) |", "| cd | one-step |", "| cd | two-step |", "| ct | one-step |",
                 "| one-step recognised |", "| Heun recognised |", "shipped as digits.safetensors: "):

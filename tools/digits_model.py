@@ -47,16 +47,20 @@ def arguments(argv=None) -> argparse.Namespace:
                         "high-frequency energy)")
     # the CD variants tried, and what they scored: docs/digits-model.md
     p.add_argument("--cd-n", type=int, default=40, help="CD's fixed number of noise levels (the paper's N)")
+    p.add_argument("--cd-batch", type=int, default=None, help="CD's batch (default: --batch)")
+    p.add_argument("--cd-target", default="online", choices=["online", "ema"],
+                   help="CD's target: the student itself, gradient stopped, or an EMA of it of decay --cd-mu0")
+    p.add_argument("--cd-mu0", type=float, default=0.95, help="with --cd-target ema: the target's EMA decay")
     p.add_argument("--ct-steps", type=int, default=1500)
     p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class")
     return p.parse_args(argv)
 
 
-def train(run: Path, *options: str, args: argparse.Namespace) -> float:
+def train(run: Path, batch: int, *options: str, args: argparse.Namespace) -> float:
     from cmfast.cli import main
 
     start = time.perf_counter()
-    command = ["train", "--model", "digits", "--batch", str(args.batch), "--seed", "0", "--threads",
+    command = ["train", "--model", "digits", "--batch", str(batch), "--seed", "0", "--threads",
                str(args.threads), "--out", str(run), *options]
     print("cmfast " + " ".join(command), flush=True)
     if main(command) != 0:
@@ -110,16 +114,17 @@ def main(argv=None) -> int:
 
     teacher, cd, ct = args.run / "teacher", args.run / "cd", args.run / "ct"
     stages = {
-        "teacher": (teacher, "--method", "edm", "--steps", str(args.teacher_steps), "--ema-decay", str(args.teacher_ema)),
-        "cd": (cd, "--method", "cd", "--teacher", str(teacher / "model.safetensors"), "--steps", str(args.cd_steps),
-               "--lr", str(args.cd_lr), "--n-schedule", "fixed", "--n-points", str(args.cd_n), "--init", args.cd_init),
-        "ct": (ct, "--method", "ct", "--steps", str(args.ct_steps), "--ema-decay", "0.999"),
+        "teacher": (teacher, args.batch, "--method", "edm", "--steps", str(args.teacher_steps), "--ema-decay", str(args.teacher_ema)),
+        "cd": (cd, args.cd_batch or args.batch, "--method", "cd", "--teacher", str(teacher / "model.safetensors"),
+               "--steps", str(args.cd_steps), "--lr", str(args.cd_lr), "--n-schedule", "fixed", "--n-points",
+               str(args.cd_n), "--init", args.cd_init, "--target", args.cd_target, "--mu0", str(args.cd_mu0)),
+        "ct": (ct, args.batch, "--method", "ct", "--steps", str(args.ct_steps), "--ema-decay", "0.999"),
     }
     # minutes spent in each stage, summed over the runs of the recipe that resumed it (a finished stage adds seconds)
     spent = args.run / "minutes.json"
     minutes = json.loads(spent.read_text()) if spent.is_file() else {}
-    for name, (folder, *options) in stages.items():
-        minutes[name] = minutes.get(name, 0.0) + train(folder, *options, args=args) / 60
+    for name, (folder, batch, *options) in stages.items():
+        minutes[name] = minutes.get(name, 0.0) + train(folder, batch, *options, args=args) / 60
         write_one(spent, lambda path: path.write_text(json.dumps(minutes)), replace=True)
 
     start = time.perf_counter()
