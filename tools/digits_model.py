@@ -6,7 +6,7 @@ that meets more of the targets ships as cmfast/data/digits.safetensors, the teac
 Every run is `cmfast train` in a folder under --run, so an interrupted recipe resumes where it stopped and a
 finished step is not redone. Seeded: the same torch, CPU and thread count give the same weights.
 
-    python tools/digits_model.py                       # the recipe (47 minutes on a 2-core Xeon)
+    python tools/digits_model.py                       # the recipe (60 minutes on a 2-core Xeon)
     python tools/digits_model.py --run /tmp/r --ship /tmp/s --teacher-steps 4 --cd-steps 2 --ct-steps 2 \
         --batch 4 --cd-batch 4
 """
@@ -40,7 +40,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="the teacher's and CT's batch")
     p.add_argument("--teacher-steps", type=int, default=2500)
     p.add_argument("--teacher-ema", type=float, default=0.995)
-    p.add_argument("--cd-steps", type=int, default=4000)
+    p.add_argument("--cd-steps", type=int, default=8000)
     p.add_argument("--cd-lr", type=float, default=2e-4)
     p.add_argument("--cd-init", default="fresh", choices=["teacher", "fresh"],
                    help="where the student starts (fresh: on these digits, started from the teacher's weights at lr "
@@ -52,7 +52,7 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--cd-target", default="ema", choices=["online", "ema"],
                    help="CD's target: the student itself, gradient stopped, or an EMA of it of decay --cd-mu0")
     p.add_argument("--cd-mu0", type=float, default=0.95, help="with --cd-target ema: the target's EMA decay")
-    p.add_argument("--ct-steps", type=int, default=1500)
+    p.add_argument("--ct-steps", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class")
     return p.parse_args(argv)
 
