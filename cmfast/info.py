@@ -45,7 +45,8 @@ def report(verbose: bool = False) -> str:
                      "none (they need AVX-512; the torch backend serves)"))
         from .models import winograd
 
-        bf16 = "bf16 too (AMX)" if winograd.available(torch.bfloat16) else "not bf16 (it needs AMX-BF16)"
+        engines = winograd.bf16_engines()
+        bf16 = f"bf16 too ({engines[0]})" if engines else "not bf16 (it needs AVX512_BF16)"
         lines.append(f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}")
     else:
         lines.append(f"cmfast._C: off ({extension.reason})")

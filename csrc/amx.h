@@ -1,16 +1,14 @@
-// What the AMX kernels (attention_amx.cpp, winograd_amx.cpp) share: whether this process may run them, and the
-// one tile configuration they all use (eight tiles of 16 rows of 64 bytes: 16x32 bf16 operands, 16x16 fp32
-// accumulators).
+// What the AMX kernels (attention_amx.cpp, winograd_bf16.cpp) share: whether this process may run them
+// (cpu_features.h), and the one tile configuration they all use (eight tiles of 16 rows of 64 bytes: 16x32 bf16
+// operands, 16x16 fp32 accumulators).
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
 
+#include "cpu_features.h"
+
 namespace cmfast {
-
-// AMX-TILE and AMX-BF16 on this CPU, and the OS's permission to use them (asked for once).
-bool cpu_runs_amx_bf16();
-
 namespace {
 
 constexpr int kTileRows = 16;   // rows of every tile

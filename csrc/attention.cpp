@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "amx.h"
 #include "attention_cpu.h"
 #include "common.h"
+#include "cpu_features.h"
 #include "ops.h"
 #include "tiles.h"
 
@@ -36,13 +36,6 @@ void transpose_batch(const T* src, T* out, int64_t N, int64_t R, int64_t K) {
     }
   });
 }
-
-bool cpu_runs_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-}
-
-bool cpu_runs_avx512_bf16() { return cpu_runs_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 // The problem of contiguous or channels_last (4-d) qkv and out, checked.
 AttentionProblem problem_of(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& out) {

@@ -4,7 +4,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "../kernels/group_norm_plan.h"
-#include "amx.h"
+#include "cpu_features.h"
 #include "ops.h"
 
 #ifdef CMFAST_WITH_CUDA
@@ -24,6 +24,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("src"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("cpu_runs_amx_bf16", &cmfast::cpu_runs_amx_bf16,
         "whether this CPU and OS run AMX-BF16 tile instructions (the AMX kernels: attention, Winograd)");
+  m.def("winograd_bf16_engines", &cmfast::winograd_bf16_engines,
+        "the bf16 Winograd convolution's engines this CPU runs, fastest first (amx, dot)");
   m.def("attention_cpu_kernels", &cmfast::attention_cpu_kernels, "the attention CPU kernels this CPU runs");
   m.def("attention_cpu", &cmfast::attention_cpu, "the attention op's CPU kernel `kernel` (f32 or bf16) on qkv into out",
         py::arg("qkv"), py::arg("num_heads"), py::arg("out"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());

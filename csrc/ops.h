@@ -22,6 +22,10 @@ void transpose_last2(const at::Tensor& src, const at::Tensor& out);
 std::vector<std::string> attention_cpu_kernels();
 void attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& out, const std::string& kernel);
 
+// The bf16 Winograd op's engines this CPU runs, fastest first ("amx": AMX tile multiplies; "dot": AVX512_BF16 dot
+// products); the op (winograd_bf16) is told which to run.
+std::vector<std::string> winograd_bf16_engines();
+
 #ifdef CMFAST_WITH_CUDA
 // Which CUDA kernel group_norm would run for x on its device: fused, shared, cluster, two-stage (for tests and
 // for reading benchmarks).

@@ -33,6 +33,25 @@ def test_extension_is_current_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cmfast_C::{name}", "CUDA") == info["cuda"]
 
 
+@pytest.mark.skipif(not cmfast.extension.loaded, reason=f"cmfast._C not loaded: {cmfast.extension.reason}")
+@pytest.mark.parametrize("cap, drops", [("AVX512_CORE_BF16", {"amx"}), ("avx512_core", {"amx", "bf16", "dot"}),
+                                        ("AVX2", {"amx", "bf16", "dot", "f32"}), ("AVX512_CORE_AMX", set()),
+                                        ("ALL", set()), ("no-such-isa", set())])
+def test_the_cpu_kernels_follow_onednns_isa_cap(cap, drops):
+    """ONEDNN_MAX_CPU_ISA caps cmfast's CPU kernels as it caps torch's oneDNN: with the bf16 level, no AMX engine
+    (the machine runs as one without AMX would); names without AMX or below AVX-512 drop the rest in turn; ALL and
+    names oneDNN does not know cap nothing."""
+    code = ("from cmfast._extension import compiled as c; "
+            "print(' '.join(c.attention_cpu_kernels() + c.winograd_bf16_engines()), c.cpu_runs_amx_bf16())")
+    uncapped = run_python(code)
+    capped = run_python(code, ONEDNN_MAX_CPU_ISA=cap)
+    assert uncapped.returncode == 0 and capped.returncode == 0, capped.stderr
+    *names, amx = uncapped.stdout.split()
+    *capped_names, capped_amx = capped.stdout.split()
+    assert capped_names == [n for n in names if n not in drops]
+    assert capped_amx == ("False" if "amx" in drops else amx)
+
+
 @pytest.mark.gpu
 def test_a_gpu_install_has_the_cuda_kernels():
     assert cmfast.extension.cuda, cmfast.extension.reason
@@ -87,7 +106,8 @@ def test_info_tells_the_truth(capsys):
         assert f"CUDA part: {'yes' if cmfast.extension.cuda else 'no'}" in text
         from cmfast.models import winograd
 
-        bf16 = "bf16 too (AMX)" if winograd.available(torch.bfloat16) else "not bf16"
+        engines = winograd.bf16_engines()
+        bf16 = f"bf16 too ({engines[0]})" if engines else "not bf16"
         assert f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}" in text
     else:
         assert f"cmfast._C: off ({cmfast.extension.reason})" in text

@@ -1,7 +1,8 @@
-"""The Winograd F(2x2, 3x3) convolution (cmfast/models/winograd.py, csrc/winograd.cpp, csrc/winograd_amx.cpp) against
+"""The Winograd F(2x2, 3x3) convolution (cmfast/models/winograd.py, csrc/winograd.cpp, csrc/winograd_bf16.cpp) against
 the direct convolution in float64: the algorithm in torch ops, the compiled transforms in chunks (odd sizes, a last
-partial chunk, bias, residual), the bf16 AMX kernel against the algorithm with its roundings and against the direct
-bf16 convolution, real U-Net shapes, the cached filters following the weights, and where the U-Net may choose it."""
+partial chunk, bias, residual), the bf16 kernel (each engine this CPU runs: AMX tiles, AVX512_BF16 dot products)
+against the algorithm with its roundings and against the direct bf16 convolution, real U-Net shapes, the cached
+filters following the weights, and where the U-Net may choose it."""
 
 import pytest
 import torch
@@ -13,8 +14,13 @@ from cmfast.models.conv import Conv2d
 from tests.checks import assert_matches
 
 compiled = pytest.mark.skipif(not winograd.available(), reason="cmfast._C (the compiled transforms) is not built")
-amx = pytest.mark.skipif(not winograd.available(torch.bfloat16),
-                         reason="the bf16 kernel needs cmfast._C and a CPU and OS that run AMX-BF16")
+bf16_kernel = pytest.mark.skipif(not winograd.available(torch.bfloat16),
+                                 reason="the bf16 kernel needs cmfast._C and a CPU that runs AVX512_BF16")
+ENGINES = winograd.bf16_engines() if winograd.available() else ()
+# Each engine of the bf16 kernel, skipped where this CPU does not run it ("amx" needs AMX-BF16 and the OS's leave).
+each_engine = pytest.mark.parametrize("engine", [
+    pytest.param(e, marks=pytest.mark.skipif(e not in ENGINES, reason=f"this CPU does not run the {e} engine"))
+    for e in ("amx", "dot")])
 
 
 def direct(x, weight, bias, add=None):
@@ -108,26 +114,26 @@ def algorithm_with_roundings(x, weight, bias, add):
     return y.bfloat16()
 
 
-@amx
+@each_engine
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("with_add", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("shape, cout", [((1, 32, 1, 1), 32), ((2, 64, 5, 7), 96), ((3, 96, 10, 6), 32),
                                          ((1, 32, 33, 17), 64)], ids=str)
-def test_the_bf16_kernel_is_the_algorithm_with_its_roundings(shape, cout, with_add, with_bias, gen):
+def test_the_bf16_kernel_is_the_algorithm_with_its_roundings(shape, cout, with_add, with_bias, engine, gen):
     """Odd image sizes (tiles cut by the edge), one tile, several chunks with a partial last one and a last step
     past the image's tiles: every output within one bf16 ulp of the algorithm computed in float64 with the
-    kernel's two roundings (M is accumulated in fp32 by the tiles)."""
+    kernel's two roundings (M is accumulated in fp32, by either engine)."""
     x, weight, bias, add = bf16_case(shape, cout, gen, with_add, with_bias)
-    got = winograd.conv3x3(x, winograd.prepared(weight), bias, add)
+    got = winograd.conv3x3(x, winograd.prepared(weight), bias, add, engine)
     assert got.dtype == torch.bfloat16 and got.shape == (shape[0], cout, *shape[2:])
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert_matches(got, algorithm_with_roundings(x, weight, bias, add), ulps=1, rtol=1e-5)
 
 
-@amx
+@each_engine
 @pytest.mark.parametrize("shape, cout", [((1, 256, 64, 64), 256), ((1, 512, 32, 32), 256), ((4, 192, 16, 16), 192),
                                          ((1, 1024, 8, 8), 1024)], ids=str)
-def test_the_bf16_kernel_at_unet_shapes_is_near_the_direct_convolution(shape, cout, gen):
+def test_the_bf16_kernel_at_unet_shapes_is_near_the_direct_convolution(shape, cout, engine, gen):
     """The U-Nets' widths (LSUN-256's 256-1024 channels, ImageNet-64's 192): against the exact convolution of the
     same bf16 operands, the kernel's root-mean-square error is at most 1.6x the direct bf16 convolution's (measured
     1.2-1.3x with a residual, about 2x without, where the output's rounding weighs less)."""
@@ -137,12 +143,12 @@ def test_the_bf16_kernel_at_unet_shapes_is_near_the_direct_convolution(shape, co
     def rms(y):
         return float((y.double() - want).norm() / want.norm())
 
-    got = winograd.conv3x3(x, winograd.prepared(weight), bias, add)
+    got = winograd.conv3x3(x, winograd.prepared(weight), bias, add, engine)
     assert rms(got) <= 1.6 * rms(F.conv2d(x, weight, bias, padding=1) + add)
 
 
-@amx
-def test_the_bf16_filters_are_packed_as_the_tiles_read_them(gen):
+@bf16_kernel
+def test_the_bf16_filters_are_packed_as_the_products_read_them(gen):
     weight, _ = random_conv(64, 96, gen)
     packed = winograd.prepared(weight.bfloat16())
     assert packed.shape == (96 // 32, 16, 64 // 2, 32, 2) and packed.is_contiguous()
@@ -151,12 +157,18 @@ def test_the_bf16_filters_are_packed_as_the_tiles_read_them(gen):
     assert torch.equal(unpacked, winograd.filters(weight.bfloat16()))
 
 
-@amx
+@bf16_kernel
 def test_the_bf16_kernel_refuses_what_it_would_misindex(gen):
     x, weight, _, _ = bf16_case((1, 32, 4, 4), 32, gen, with_add=False)
     u = winograd.prepared(weight)
     y = torch.empty_like(x)
-    op = torch.ops.cmfast_C.winograd_amx
+
+    def op(*args, engine=ENGINES[0]):
+        torch.ops.cmfast_C.winograd_bf16(*args, engine)
+
+    for engine in ("tiles", "AMX", "") + (() if "amx" in ENGINES else ("amx",)):
+        with pytest.raises(RuntimeError, match=f"cannot run the engine '{engine}' \\(it runs: {', '.join(ENGINES)}\\)"):
+            op(x, u, None, None, y, engine=engine)
     with pytest.raises(RuntimeError, match="bfloat16"):
         op(x.float(), u, None, None, y)
     with pytest.raises(RuntimeError, match="channels_last"):
@@ -197,7 +209,7 @@ def test_where_the_unet_may_choose_it(gen):
     assert "winograd" not in candidates(conv, torch.float32, channels_last=False)
     assert "winograd" not in candidates(conv.to(torch.bfloat16), torch.bfloat16)  # bf16: channels in 32s
     wide = Conv2d(64, 32, 3, padding=1).to(torch.bfloat16)
-    assert ("winograd" in candidates(wide, torch.bfloat16)) == winograd.available(torch.bfloat16)  # AMX only
+    assert ("winograd" in candidates(wide, torch.bfloat16)) == winograd.available(torch.bfloat16)  # AVX512_BF16
     assert "winograd" not in candidates(wide, torch.bfloat16, channels_last=False)
     assert "winograd" not in candidates(Conv2d(8, 8, 3, stride=2, padding=1), torch.float32)  # Downsample
     assert "winograd" not in candidates(Conv2d(8, 8, 1), torch.float32)

@@ -9,7 +9,7 @@
 - "matmul" (1x1 convolutions: attention's qkv and proj_out, the skip connections): the same product as a matrix
   multiplication on the same weights, as diffusers runs its attention projections;
 - "winograd" (CPU, channels_last, 3x3 stride 1 padding 1: the ResBlocks' and Upsample's convolutions; fp32, or bf16
-  where the CPU has AMX and the channels come in 32s): Winograd's F(2x2, 3x3) algorithm
+  where the CPU has AVX512_BF16 and the channels come in 32s): Winograd's F(2x2, 3x3) algorithm
   (cmfast/models/winograd.py), 2.25x fewer multiplications.
 
 The first three compute the same sums (fp32 accumulation; only the order of additions differs); Winograd's

@@ -10,20 +10,23 @@ input/output channel pair and 2x2 outputs where the direct convolution does 36: 
   transformed values stay in cache between the three steps. The rounding differs from the direct sum's by about
   as much as another order of the direct sum (2-3e-6 against float64 where oneDNN's direct sum is at 1e-5, on
   unit-scale ImageNet-64 activations).
-- bf16, on CPUs with AMX (csrc/winograd_amx.cpp): the three steps in one op, a chunk of tiles at a time in each
-  thread's cache; the products are AMX tile multiplies with fp32 accumulation, so M stays fp32. V and U are
-  rounded to bf16 (the tiles' operand type), where the direct convolution rounds only its output. Measured against
+- bf16, on CPUs with AVX512_BF16 (csrc/winograd_bf16.cpp): the three steps in one op, a chunk of tiles at a time
+  in each thread's cache; the products multiply bf16 pairs and add them in fp32, so M stays fp32: AMX tile
+  multiplies where the CPU has AMX (Sapphire Rapids), else AVX512_BF16 dot products (AMD Zen 4). V and U are
+  rounded to bf16 (the products' operand type), where the direct convolution rounds only its output. Measured against
   the exact convolution of the same bf16 operands (unit-scale, 256-512 channels), root-mean-square: 3.2e-3 against
   the direct bf16 convolution's 1.7e-3; 2.8e-3 against 2.2e-3 with the ResBlocks' residual (which the direct path
   adds after rounding). Through a whole U-Net in bf16 this does not show: against the fp32 U-Net, the ImageNet-64
   and LSUN-256 outputs are 2.26e-3 and 1.79e-3 off (rms, random weights) with every 3x3 convolution direct or
   Winograd alike: the other bf16 roundings of the mixed mode dominate. It takes channel counts that are multiples
-  of 32 (a tile row); without AMX, bf16 has no Winograd path (the bmm route would round M to bf16 as well).
+  of 32 (a tile row). Without AVX512_BF16, bf16 has no Winograd path (the bmm route would round M to bf16 as well).
 
 `reference` is the algorithm in torch ops (any dtype), for tests.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,7 @@ _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 # at least twice the transformed filters, which each chunk's products read whole (measured on 2 Zen 4 cores:
 # 4 MB is best where the filters are small, 4x192x64x64; 16-64 MB where they are large, 4x576x16x16).
 CHUNK_BYTES = 4 << 20
-AMX_STEP = 32  # the AMX kernel's block of channels: a tile row of 32 bf16
+BF16_STEP = 32  # the bf16 kernel's block of channels: a tile row of 32 bf16
 
 
 def applies(conv: torch.nn.Conv2d) -> bool:
@@ -48,22 +51,31 @@ def applies(conv: torch.nn.Conv2d) -> bool:
 
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this build runs the algorithm for `dtype` on this CPU: fp32 with the compiled transforms (cmfast._C
-    with its CPU kernels), bf16 where the CPU and OS also run AMX-BF16 (csrc/winograd_amx.cpp)."""
-    from .._extension import compiled, status
+    with its CPU kernels), bf16 where the CPU also runs AVX512_BF16 (csrc/winograd_bf16.cpp)."""
+    from .._extension import status
 
     if not (status.cpu and hasattr(torch.ops.cmfast_C, "winograd_input")):
         return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and compiled.cpu_runs_amx_bf16())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(bf16_engines()))
+
+
+@functools.cache
+def bf16_engines() -> tuple[str, ...]:
+    """The bf16 kernel's engines this CPU runs, fastest first: "amx" (AMX tile multiplies), "dot" (AVX512_BF16 dot
+    products). conv3x3 runs the first: a tile multiply does 16 times a dot product's work in one instruction."""
+    from .._extension import compiled, status
+
+    return tuple(compiled.winograd_bf16_engines()) if status.cpu else ()
 
 
 def takes(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether conv(x) can run here as Winograd: a 3x3 convolution (applies), x fp32 or bf16 channels_last on the
-    CPU, in the weights' dtype; bf16 needs AMX and channel counts that are multiples of 32 (the tiles' width)."""
+    CPU, in the weights' dtype; bf16 needs AVX512_BF16 and channel counts that are multiples of 32."""
     if not (applies(conv) and x.device.type == "cpu" and x.dtype == conv.weight.dtype and available(x.dtype)):
         return False
     if not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return False
-    return x.dtype == torch.float32 or (conv.in_channels % AMX_STEP == 0 and conv.out_channels % AMX_STEP == 0)
+    return x.dtype == torch.float32 or (conv.in_channels % BF16_STEP == 0 and conv.out_channels % BF16_STEP == 0)
 
 
 def filters(weight: torch.Tensor) -> torch.Tensor:
@@ -74,22 +86,25 @@ def filters(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepared(weight: torch.Tensor) -> torch.Tensor:
-    """The filters as conv3x3 takes them for this weight: filters(weight) in fp32; in bf16 packed as the AMX
-    kernel's tile operands, (out / 32, 16, in / 2, 32, 2): per block of 32 outputs and product k, a row per pair of
-    input channels holding the 32 outputs' pairs."""
+    """The filters as conv3x3 takes them for this weight: filters(weight) in fp32; in bf16 packed as the products'
+    B operands, (out / 32, 16, in / 2, 32, 2): per block of 32 outputs and product k, a row per pair of input
+    channels holding the 32 outputs' pairs."""
     u = filters(weight)
     if weight.dtype != torch.bfloat16:
         return u
     _, cin, cout = u.shape
-    return u.view(16, cin // 2, 2, cout // AMX_STEP, AMX_STEP).permute(3, 0, 1, 4, 2).contiguous()
+    return u.view(16, cin // 2, 2, cout // BF16_STEP, BF16_STEP).permute(3, 0, 1, 4, 2).contiguous()
 
 
-def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None) -> torch.Tensor:
-    """conv2d(x, g, bias, padding=1) (+ add) from u = prepared(g), where takes(conv, x); out channels_last."""
+def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None,
+            engine: str | None = None) -> torch.Tensor:
+    """conv2d(x, g, bias, padding=1) (+ add) from u = prepared(g), where takes(conv, x); out channels_last. bf16:
+    `engine` (one of bf16_engines(); the fastest by default)."""
     if x.dtype == torch.bfloat16:
-        out = torch.empty((x.shape[0], u.shape[0] * AMX_STEP, *x.shape[2:]), dtype=x.dtype,
+        out = torch.empty((x.shape[0], u.shape[0] * BF16_STEP, *x.shape[2:]), dtype=x.dtype,
                           memory_format=torch.channels_last)
-        torch.ops.cmfast_C.winograd_amx(x, u, None if bias is None else bias.float(), add, out)
+        bias = None if bias is None else bias.float()
+        torch.ops.cmfast_C.winograd_bf16(x, u, bias, add, out, engine or bf16_engines()[0])
         return out
     batch, channels, height, width = x.shape
     out_channels = u.shape[2]

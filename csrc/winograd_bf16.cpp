@@ -1,43 +1,58 @@
-// Winograd's F(2x2, 3x3) convolution (stride 1, padding 1) for bfloat16 channels_last images on CPUs with AMX,
-// its three steps in one op. A thread takes a chunk of tiles at a time and keeps it in its own cache:
+// Winograd's F(2x2, 3x3) convolution (stride 1, padding 1) for bfloat16 channels_last images, its three steps in one
+// op. A thread takes a chunk of tiles at a time and keeps it in its own cache:
 //   1. V = B^T d B of the chunk's tiles into v[16][tiles][C] (bf16, rounded once from fp32);
-//   2. per block of 32 output channels, the 16 products M_k = V_k U_k as AMX tile multiplies (tdpbf16ps: bf16
-//      pairs, fp32 accumulation) into m[16][tiles][32] (fp32);
+//   2. per block of 32 output channels, the 16 products M_k = V_k U_k with bf16 pairs multiplied and summed in fp32,
+//      into m[16][tiles][32] (fp32), by one of two engines:
+//      - "amx": AMX tile multiplies (tdpbf16ps), 32x32 blocks;
+//      - "dot": AVX512_BF16 dot products (vdpbf16ps), for CPUs without AMX (AMD Zen 4): each tile's channel pair
+//        broadcast against the 32 outputs' pairs (two registers), 12 tiles at a time in 24 accumulators.
+//      Both add the same products in fp32, in another order;
 //   3. Y = A^T M A for those 32 channels, plus bias and residual in fp32, rounded once to bf16.
 // Against the fp32 route (winograd.cpp's transforms around torch.bmm, whose bf16 products would come back rounded
 // to bf16, with V and M streamed through memory) M stays fp32 and nothing leaves the chunk but the output.
 //
-// The filters come packed by the caller (cmfast/models/winograd.py) as the tiles' B operands:
+// The filters come packed by the caller (cmfast/models/winograd.py) as the products' B operands:
 // u[O / 32][16][C / 2][32][2]: per block of 32 output channels and product k, a row per pair of input channels,
-// the 32 outputs' pairs in it (128 bytes: two 16-column tiles side by side). C and O are multiples of 32.
+// the 32 outputs' pairs in it (128 bytes: two 16-column tiles side by side, or two registers). C and O are
+// multiples of 32.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <string>
+#include <vector>
+
+#include <c10/util/StringUtil.h>
 
 #include "amx.h"
 #include "common.h"
+#include "cpu_features.h"
+#include "ops.h"
 #include "winograd_geometry.h"
 
 // GCC 12's AVX-512 intrinsics pass an undefined register as the unused merge source of the zero-extension and shift
 // in widen(); inlined into a loop it draws a false -Wmaybe-uninitialized (as in attention_loops.h).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define CMFAST_ISA_AMX "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16"
-#define CMFAST_AMX __attribute__((target(CMFAST_ISA_AMX)))
-#define CMFAST_AMX_INLINE __attribute__((target(CMFAST_ISA_AMX), always_inline)) inline
+// Everything but the AMX products is compiled for AVX512_BF16 (a subset of the AMX functions' ISA, so it inlines
+// into them as well).
+#define CMFAST_ISA_BF16 "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"
+#define CMFAST_BF16 __attribute__((target(CMFAST_ISA_BF16)))
+#define CMFAST_BF16_INLINE __attribute__((target(CMFAST_ISA_BF16), always_inline)) inline
+#define CMFAST_AMX __attribute__((target(CMFAST_ISA_BF16 ",amx-tile,amx-bf16")))
 
 namespace cmfast {
 namespace {
 
 // 16 bf16 to fp32 (exact), and 16 fp32 to bf16 rounded to nearest even (NaN stays NaN).
-CMFAST_AMX_INLINE __m512 widen(const uint16_t* p) {
+CMFAST_BF16_INLINE __m512 widen(const uint16_t* p) {
   const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
-CMFAST_AMX_INLINE void store_bf16(uint16_t* p, __m512 v) {
+CMFAST_BF16_INLINE void store_bf16(uint16_t* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
@@ -81,7 +96,7 @@ struct Scratch {
     if (want > bytes) {
       data.reset(static_cast<char*>(std::aligned_alloc(64, want)));
       bytes = data ? want : 0;
-      TORCH_CHECK(data != nullptr, "winograd_amx: out of memory for a chunk's buffers");
+      TORCH_CHECK(data != nullptr, "winograd_bf16: out of memory for a chunk's buffers");
     }
     return data.get();
   }
@@ -89,7 +104,7 @@ struct Scratch {
 
 // A tile's 4x4 patch, 16 channels from c (bf16 widened exactly; zeros outside the image), to V = B^T d B rounded
 // to bf16 (to nearest even), v[k][c..c+16) at out + k * stride.
-CMFAST_AMX_INLINE void input_block(const uint16_t* const* rows, int64_t c, uint16_t* out, int64_t stride) {
+CMFAST_BF16_INLINE void input_block(const uint16_t* const* rows, int64_t c, uint16_t* out, int64_t stride) {
   __m512 d[16];
   for (int k = 0; k < 16; ++k) {
     d[k] = rows[k] == nullptr ? _mm512_setzero_ps() : widen(rows[k] + c);
@@ -112,7 +127,7 @@ CMFAST_AMX_INLINE void input_block(const uint16_t* const* rows, int64_t c, uint1
 
 // A tile's 16 products (fp32, m[k][c..c+16) at m + k * stride) to Y = A^T M A, plus bias and residual in fp32,
 // rounded once to bf16 into the tile's 2x2 pixels (nullptr outside the image), channels c..c+16.
-CMFAST_AMX_INLINE void output_block(const float* m, int64_t stride, int64_t c, const float* bias,
+CMFAST_BF16_INLINE void output_block(const float* m, int64_t stride, int64_t c, const float* bias,
                                     uint16_t* const* pixels, const uint16_t* const* adds) {
   __m512 s[8];  // s = A^T M: two rows of four
   for (int b = 0; b < 4; ++b) {
@@ -135,8 +150,9 @@ CMFAST_AMX_INLINE void output_block(const float* m, int64_t stride, int64_t c, c
   }
 }
 
-// m[k][t0 + r][0..32) = sum over c of v[k][t0 + r][c] u[k][c][0..32), r < 32, for one block of output channels.
-CMFAST_AMX void products(const Conv& p, const uint16_t* v, const uint16_t* u_block, int64_t rows, float* m) {
+// m[k][t0 + r][0..32) = sum over c of v[k][t0 + r][c] u[k][c][0..32), r < 32, for one block of output channels,
+// rows t0 = 0, 32, ... < rows: the engines' step 2.
+CMFAST_AMX void amx_products(const Conv& p, const uint16_t* v, const uint16_t* u_block, int64_t rows, float* m) {
   const int64_t c_count = p.channels;
   for (int k = 0; k < 16; ++k) {
     const uint16_t* uk = u_block + k * c_count * kStep;  // [C / 2][32][2]
@@ -153,8 +169,48 @@ CMFAST_AMX void products(const Conv& p, const uint16_t* v, const uint16_t* u_blo
   }
 }
 
+// R rows of one product by dot products: m[r][0..32) = sum over pairs w of v[r][2w, 2w + 1] . u[w][0..32) (each
+// output's pair), r < R. The pair row of u is two registers; each row's pair is broadcast to all 16 lanes.
+template <int R>
+CMFAST_BF16_INLINE void dot_rows(const uint16_t* v, int64_t channels, const uint16_t* u, float* m) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < channels / 2; ++w) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(u + w * 2 * kStep);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(u + w * 2 * kStep + kStep);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, v + r * channels + 2 * w, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(m + r * kStep, acc[r][0]);
+    _mm512_storeu_ps(m + r * kStep + 16, acc[r][1]);
+  }
+}
+
+CMFAST_BF16 void dot_products(const Conv& p, const uint16_t* v, const uint16_t* u_block, int64_t rows, float* m) {
+  const int64_t c_count = p.channels;
+  for (int k = 0; k < 16; ++k) {
+    const uint16_t* uk = u_block + k * c_count * kStep;
+    const uint16_t* vk = v + k * p.v_stride();
+    float* mk = m + k * p.m_stride();
+    for (int64_t t0 = 0; t0 < rows; t0 += kStep) {  // 32 rows: 12 + 12 + 8 (24 accumulators at most)
+      dot_rows<12>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
+      dot_rows<12>(vk + (t0 + 12) * c_count, c_count, uk, mk + (t0 + 12) * kStep);
+      dot_rows<8>(vk + (t0 + 24) * c_count, c_count, uk, mk + (t0 + 24) * kStep);
+    }
+  }
+}
+
+using Products = void (*)(const Conv&, const uint16_t*, const uint16_t*, int64_t, float*);
+
 // The tiles [tile0, tile0 + count) through the three steps; v and m: this thread's buffers.
-CMFAST_AMX void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t* v, float* m) {
+template <Products products>
+CMFAST_BF16_INLINE void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t* v, float* m) {
   const int64_t c_count = p.channels;
   // The last step of 32 rows may run past the chunk's tiles: those rows of v hold stale values, and the rows of m
   // they give (a tile product's rows are independent) are never read.
@@ -177,19 +233,34 @@ CMFAST_AMX void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t*
   }
 }
 
-// Chunks [first, last) on this thread, with its own buffers and tile configuration.
-CMFAST_AMX void run_chunks(const Conv& p, int64_t first, int64_t last) {
-  const int64_t tiles = p.g.tiles();
+// This thread's buffers for a chunk's v and m.
+struct Buffers {
+  uint16_t* v;
+  float* m;
+};
+
+Buffers thread_buffers(const Conv& p) {
   static thread_local Scratch scratch;
   const size_t v_bytes = (16 * p.v_stride() * sizeof(uint16_t) + 63) / 64 * 64;
   char* buffer = scratch.get(v_bytes + 16 * p.m_stride() * sizeof(float));
-  uint16_t* v = reinterpret_cast<uint16_t*>(buffer);
-  float* m = reinterpret_cast<float*>(buffer + v_bytes);
+  return {reinterpret_cast<uint16_t*>(buffer), reinterpret_cast<float*>(buffer + v_bytes)};
+}
+
+// Chunks [first, last) on this thread, with its own buffers (and, for AMX, its tile configuration).
+CMFAST_AMX void amx_chunks(const Conv& p, int64_t first, int64_t last) {
+  const Buffers b = thread_buffers(p);
   configure_tiles();
   for (int64_t c = first; c < last; ++c) {
-    run_chunk(p, c * p.chunk, std::min(p.chunk, tiles - c * p.chunk), v, m);
+    run_chunk<amx_products>(p, c * p.chunk, std::min(p.chunk, p.g.tiles() - c * p.chunk), b.v, b.m);
   }
   _tile_release();
+}
+
+CMFAST_BF16 void dot_chunks(const Conv& p, int64_t first, int64_t last) {
+  const Buffers b = thread_buffers(p);
+  for (int64_t c = first; c < last; ++c) {
+    run_chunk<dot_products>(p, c * p.chunk, std::min(p.chunk, p.g.tiles() - c * p.chunk), b.v, b.m);
+  }
 }
 
 void check_bf16_image(const at::Tensor& t, const char* name) {
@@ -198,22 +269,25 @@ void check_bf16_image(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": expected channels_last");
 }
 
-void winograd_amx(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& add, const at::Tensor& y) {
-  TORCH_CHECK(cpu_runs_amx_bf16(), "winograd_amx: this CPU (or OS) does not run AMX-BF16");
-  check_bf16_image(x, "winograd_amx: x");
-  check_bf16_image(y, "winograd_amx: y");
+void winograd_bf16_op(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& add, const at::Tensor& y, c10::string_view engine_name) {
+  const std::string engine(engine_name);
+  const std::vector<std::string> engines = winograd_bf16_engines();
+  TORCH_CHECK(std::find(engines.begin(), engines.end(), engine) != engines.end(), "winograd_bf16: this CPU cannot ",
+              "run the engine '", engine, "' (it runs: ", engines.empty() ? "none" : c10::Join(", ", engines), ")");
+  check_bf16_image(x, "winograd_bf16: x");
+  check_bf16_image(y, "winograd_bf16: y");
   const int64_t channels = x.size(1), out_channels = y.size(1);
   TORCH_CHECK(channels % kStep == 0 && out_channels % kStep == 0,
-              "winograd_amx: the channel counts must be multiples of 32");
+              "winograd_bf16: the channel counts must be multiples of 32");
   TORCH_CHECK(y.size(0) == x.size(0) && y.size(2) == x.size(2) && y.size(3) == x.size(3),
-              "winograd_amx: y must be x's batch and image size");
+              "winograd_bf16: y must be x's batch and image size");
   TORCH_CHECK(u.scalar_type() == at::kBFloat16 && u.is_contiguous() &&
                   u.sizes() == at::IntArrayRef({out_channels / kStep, 16, channels / 2, kStep, 2}),
-              "winograd_amx: u must be the packed filters, contiguous bfloat16 (O / 32, 16, C / 2, 32, 2)");
+              "winograd_bf16: u must be the packed filters, contiguous bfloat16 (O / 32, 16, C / 2, 32, 2)");
   if (add.has_value() && add->defined()) {
-    check_bf16_image(*add, "winograd_amx: add");
-    TORCH_CHECK(add->sizes() == y.sizes(), "winograd_amx: add must have the shape of y");
+    check_bf16_image(*add, "winograd_bf16: add");
+    TORCH_CHECK(add->sizes() == y.sizes(), "winograd_bf16: add must have the shape of y");
   }
   const Geometry g = geometry_of(x.size(0), x.size(2), x.size(3));
   const int64_t tiles = g.tiles();
@@ -229,18 +303,29 @@ void winograd_amx(const at::Tensor& x, const at::Tensor& u, const std::optional<
                chunk,
                static_cast<const uint16_t*>(x.const_data_ptr()),
                static_cast<const uint16_t*>(u.const_data_ptr()),
-               optional_f32(bias, {out_channels}, y, "winograd_amx: bias"),
+               optional_f32(bias, {out_channels}, y, "winograd_bf16: bias"),
                add.has_value() && add->defined() ? static_cast<const uint16_t*>(add->const_data_ptr()) : nullptr,
                static_cast<uint16_t*>(y.data_ptr())};
   const int64_t chunks = (tiles + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) { run_chunks(p, first, last); });
+  const bool amx = engine == "amx";
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    amx ? amx_chunks(p, first, last) : dot_chunks(p, first, last);
+  });
 }
 
 }  // namespace
+
+std::vector<std::string> winograd_bf16_engines() {
+  std::vector<std::string> engines;
+  if (cpu_runs_avx512_bf16() && cpu_runs_amx_bf16()) engines.push_back("amx");
+  if (cpu_runs_avx512_bf16()) engines.push_back("dot");
+  return engines;
+}
+
 }  // namespace cmfast
 
 TORCH_LIBRARY_FRAGMENT(cmfast_C, m) {
-  m.def("winograd_amx(Tensor x, Tensor u, Tensor? bias, Tensor? add, Tensor(a!) y) -> ()");
+  m.def("winograd_bf16(Tensor x, Tensor u, Tensor? bias, Tensor? add, Tensor(a!) y, str engine) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("winograd_amx", &cmfast::winograd_amx); }
+TORCH_LIBRARY_IMPL(cmfast_C, CPU, m) { m.impl("winograd_bf16", &cmfast::winograd_bf16_op); }
