@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmfast.tuning import cpu_name
+from cmfast.tuning import cpu_label
 
 
 # ---- the machine ---------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ from cmfast.tuning import cpu_name
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} x{torch.get_num_threads()} threads"
+    return f"{cpu_label()} x{torch.get_num_threads()} threads"
 
 
 def device_slug(device: torch.device) -> str:

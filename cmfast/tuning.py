@@ -75,10 +75,18 @@ def cpu_name() -> str:
 
 
 @functools.cache
+def cpu_label() -> str:
+    """The CPU's name, with oneDNN's instruction-set cap where the process sets one (ONEDNN_MAX_CPU_ISA, which
+    cmfast's CPU kernels follow too): a capped process runs other code, so its measurements are another machine's."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip()
+    return f"{cpu_name()}, ISA cap {cap}" if cap else cpu_name()
+
+
+@functools.cache
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_name()
+    return cpu_label()
 
 
 def _versions() -> dict:

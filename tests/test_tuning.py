@@ -98,7 +98,7 @@ def test_record_file_is_written_atomically_and_reread(tune):
     tuning.choose("toy", DEVICE, (6,), ("a", "b"), "a", run, elements=10**6)
     path = tuning.path_for(tuning.device_name(DEVICE))
     data = json.loads(path.read_text())
-    assert data["device"] == tuning.cpu_name() and data["versions"]["torch"] == torch.__version__
+    assert data["device"] == tuning.cpu_label() and data["versions"]["torch"] == torch.__version__
     (entry,) = data["entries"].values()
     assert entry["choice"] == "b" and set(entry["times_ms"]) == {"a", "b"}
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left beside it
@@ -108,13 +108,39 @@ def test_record_file_is_written_atomically_and_reread(tune):
     assert calls == ["b"] and tune()["timed"] == 1 and tune()["loaded"] == 1
 
 
+def test_a_process_under_an_isa_cap_keeps_its_own_records(tune, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA changes the code torch and cmfast run (an AMX machine capped runs as one without AMX): its
+    measurements go to a file of their own, and an uncapped process does not reuse them."""
+    def relabel():
+        tuning.cpu_label.cache_clear()
+        tuning.device_name.cache_clear()
+        tuning.forget()
+
+    run, _ = sleepy({"a": 0.003, "b": 0.0})
+    tuning.choose("toy", DEVICE, (8,), ("a", "b"), "a", run, elements=10**6)
+    plain = tuning.path_for(tuning.device_name(DEVICE))
+    try:
+        for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+            monkeypatch.setenv(name, "AVX512_CORE_BF16")
+            relabel()
+            assert tuning.device_name(DEVICE) == f"{tuning.cpu_name()}, ISA cap AVX512_CORE_BF16"
+            assert tuning.path_for(tuning.device_name(DEVICE)) != plain
+            assert tuning.recorded(("toy", 8), DEVICE) is None
+            monkeypatch.delenv(name)
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+        relabel()
+    assert tuning.device_name(DEVICE) == tuning.cpu_name() and tuning.recorded(("toy", 8), DEVICE) is not None
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"device": "another CPU", "versions": {}, "entries": {}}',
                                      "\x00\xff garbage", "FOREIGN_VERSIONS"])
 def test_corrupt_or_foreign_file_is_ignored_and_rewritten(tune, content):
     path = tuning.path_for(tuning.device_name(DEVICE))
     path.parent.mkdir(parents=True)
     if content == "FOREIGN_VERSIONS":  # this device, another cmfast: its choices were measured on other kernels
-        content = json.dumps({"device": tuning.cpu_name(), "versions": {"cmfast": "0.0.0"},
+        content = json.dumps({"device": tuning.cpu_label(), "versions": {"cmfast": "0.0.0"},
                               "entries": {repr(("toy", 7)): {"choice": "a", "times_ms": {"a": 1.0}}}})
     path.write_bytes(content.encode("latin-1"))
     run, _ = sleepy({"a": 0.003, "b": 0.0})
