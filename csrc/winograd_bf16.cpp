@@ -68,7 +68,10 @@ constexpr int64_t kMaxChunkTiles = 256;  // at few channels: m (16 x tiles x 32 
 
 struct Conv {
   Geometry g;
-  int64_t channels, out_channels, chunk;  // chunk: tiles a chunk, a multiple of kStep
+  int64_t channels, out_channels;
+  int64_t rows_step;  // the engine's rows a step: the products run over the chunk's tiles rounded up to it
+  int64_t chunk;      // tiles a chunk, a multiple of rows_step
+  int64_t splits;     // tasks a chunk: each takes a share of the output blocks (where chunks are fewer than threads)
   const uint16_t* x;
   const uint16_t* u;
   const float* bias;
@@ -198,29 +201,32 @@ CMFAST_BF16 void dot_products(const Conv& p, const uint16_t* v, const uint16_t* 
     const uint16_t* uk = u_block + k * c_count * kStep;
     const uint16_t* vk = v + k * p.v_stride();
     float* mk = m + k * p.m_stride();
-    for (int64_t t0 = 0; t0 < rows; t0 += kStep) {  // 32 rows: 12 + 12 + 8 (24 accumulators at most)
-      dot_rows<12>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
-      dot_rows<12>(vk + (t0 + 12) * c_count, c_count, uk, mk + (t0 + 12) * kStep);
-      dot_rows<8>(vk + (t0 + 24) * c_count, c_count, uk, mk + (t0 + 24) * kStep);
-    }
+    int64_t t0 = 0;  // rows: a multiple of 4, in steps of 12 (24 accumulators), then 8 or 4
+    for (; t0 + 12 <= rows; t0 += 12) dot_rows<12>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
+    if (rows - t0 == 8) dot_rows<8>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
+    if (rows - t0 == 4) dot_rows<4>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
   }
 }
 
 using Products = void (*)(const Conv&, const uint16_t*, const uint16_t*, int64_t, float*);
 
-// The tiles [tile0, tile0 + count) through the three steps; v and m: this thread's buffers.
+// Task `task` (a chunk's tiles, a share of its output blocks) through the three steps; v and m: this thread's
+// buffers.
 template <Products products>
-CMFAST_BF16_INLINE void run_chunk(const Conv& p, int64_t tile0, int64_t count, uint16_t* v, float* m) {
-  const int64_t c_count = p.channels;
-  // The last step of 32 rows may run past the chunk's tiles: those rows of v hold stale values, and the rows of m
+CMFAST_BF16_INLINE void run_task(const Conv& p, int64_t task, uint16_t* v, float* m) {
+  const int64_t c_count = p.channels, blocks = p.out_channels / kStep;
+  const int64_t tile0 = task / p.splits * p.chunk, count = std::min(p.chunk, p.g.tiles() - tile0);
+  const int64_t share = task % p.splits;
+  const int64_t o_begin = blocks * share / p.splits * kStep, o_end = blocks * (share + 1) / p.splits * kStep;
+  // The last step of rows may run past the chunk's tiles: those rows of v hold stale values, and the rows of m
   // they give (a tile product's rows are independent) are never read.
-  const int64_t rows = (count + kStep - 1) / kStep * kStep;
+  const int64_t rows = (count + p.rows_step - 1) / p.rows_step * p.rows_step;
   for (int64_t i = 0; i < count; ++i) {
     const uint16_t* patch[16];
     p.g.patch(p.x, c_count, tile0 + i, patch);
     for (int64_t c = 0; c < c_count; c += 16) input_block(patch, c, v + i * c_count, p.v_stride());
   }
-  for (int64_t o0 = 0; o0 < p.out_channels; o0 += kStep) {
+  for (int64_t o0 = o_begin; o0 < o_end; o0 += kStep) {
     products(p, v, p.u + o0 * 16 * c_count, rows, m);
     for (int64_t i = 0; i < count; ++i) {
       uint16_t* pixels[4];
@@ -246,21 +252,17 @@ Buffers thread_buffers(const Conv& p) {
   return {reinterpret_cast<uint16_t*>(buffer), reinterpret_cast<float*>(buffer + v_bytes)};
 }
 
-// Chunks [first, last) on this thread, with its own buffers (and, for AMX, its tile configuration).
-CMFAST_AMX void amx_chunks(const Conv& p, int64_t first, int64_t last) {
+// Tasks [first, last) on this thread, with its own buffers (and, for AMX, its tile configuration).
+CMFAST_AMX void amx_tasks(const Conv& p, int64_t first, int64_t last) {
   const Buffers b = thread_buffers(p);
   configure_tiles();
-  for (int64_t c = first; c < last; ++c) {
-    run_chunk<amx_products>(p, c * p.chunk, std::min(p.chunk, p.g.tiles() - c * p.chunk), b.v, b.m);
-  }
+  for (int64_t t = first; t < last; ++t) run_task<amx_products>(p, t, b.v, b.m);
   _tile_release();
 }
 
-CMFAST_BF16 void dot_chunks(const Conv& p, int64_t first, int64_t last) {
+CMFAST_BF16 void dot_tasks(const Conv& p, int64_t first, int64_t last) {
   const Buffers b = thread_buffers(p);
-  for (int64_t c = first; c < last; ++c) {
-    run_chunk<dot_products>(p, c * p.chunk, std::min(p.chunk, p.g.tiles() - c * p.chunk), b.v, b.m);
-  }
+  for (int64_t t = first; t < last; ++t) run_task<dot_products>(p, t, b.v, b.m);
 }
 
 void check_bf16_image(const at::Tensor& t, const char* name) {
@@ -292,24 +294,33 @@ void winograd_bf16_op(const at::Tensor& x, const at::Tensor& u, const std::optio
   const Geometry g = geometry_of(x.size(0), x.size(2), x.size(3));
   const int64_t tiles = g.tiles();
   if (tiles == 0) return;
-  // As many tiles a chunk as keep V in kChunkBytes, but enough chunks for every thread.
+  // As many tiles a chunk as keep V in kChunkBytes, but enough chunks for every thread; where the image has too
+  // few tiles for that (8x8 at batch 1: 16 tiles, one step of AMX rows), each chunk's output blocks are shared
+  // among tasks, each transforming the chunk's input anew.
+  const bool amx = engine == "amx";
+  const int64_t step = amx ? kStep : 4;  // AMX: two 16-row tiles; dot: rows in 12, 8 or 4
   const int64_t threads = at::get_num_threads();
+  // The chunk holds at least 32 tiles where the image has them, even past kChunkBytes: each chunk reads all the
+  // transformed filters, 16 C O bf16 (10 MB at 576 -> 576 channels), and smaller chunks read them more often (dot
+  // engine, 4x576x16x16 on the Xeon: 13 ms in chunks of 32 tiles, 14 in chunks of 28).
   const int64_t fit = std::clamp(kChunkBytes / (16 * channels * 2) / kStep * kStep, kStep, kMaxChunkTiles);
-  const int64_t share = ((tiles + threads - 1) / threads + kStep - 1) / kStep * kStep;
+  const int64_t share = ((tiles + threads - 1) / threads + step - 1) / step * step;
   const int64_t chunk = std::min(fit, share);
+  const int64_t chunks = (tiles + chunk - 1) / chunk;
+  const int64_t splits = std::clamp((threads + chunks - 1) / chunks, int64_t{1}, out_channels / kStep);
   const Conv p{g,
                channels,
                out_channels,
+               step,
                chunk,
+               splits,
                static_cast<const uint16_t*>(x.const_data_ptr()),
                static_cast<const uint16_t*>(u.const_data_ptr()),
                optional_f32(bias, {out_channels}, y, "winograd_bf16: bias"),
                add.has_value() && add->defined() ? static_cast<const uint16_t*>(add->const_data_ptr()) : nullptr,
                static_cast<uint16_t*>(y.data_ptr())};
-  const int64_t chunks = (tiles + chunk - 1) / chunk;
-  const bool amx = engine == "amx";
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    amx ? amx_chunks(p, first, last) : dot_chunks(p, first, last);
+  at::parallel_for(0, chunks * splits, 1, [&](int64_t first, int64_t last) {
+    amx ? amx_tasks(p, first, last) : dot_tasks(p, first, last);
   });
 }
 

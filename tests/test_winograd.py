@@ -131,6 +131,28 @@ def test_the_bf16_kernel_is_the_algorithm_with_its_roundings(shape, cout, with_a
 
 
 @each_engine
+@pytest.mark.parametrize("shape, cout", [((1, 64, 3, 3), 96), ((1, 96, 8, 8), 64), ((2, 32, 9, 13), 32),
+                                         ((1, 128, 24, 24), 64)], ids=str)
+def test_the_bf16_kernel_gives_the_same_bits_on_any_number_of_threads(shape, cout, engine, gen):
+    """The image is cut into chunks per thread (and a small image's output blocks shared among threads): every
+    output's sum runs in the same order whatever the cut, so 1 to 5 threads give the same bits, and they are the
+    algorithm's within an ulp."""
+    x, weight, bias, add = bf16_case(shape, cout, gen)
+    u = winograd.prepared(weight)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 4, 5):
+            torch.set_num_threads(n)
+            outs.append(winograd.conv3x3(x, u, bias, add, engine))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert_matches(outs[0], algorithm_with_roundings(x, weight, bias, add), ulps=1, rtol=1e-5)
+
+
+@each_engine
 @pytest.mark.parametrize("shape, cout", [((1, 256, 64, 64), 256), ((1, 512, 32, 32), 256), ((4, 192, 16, 16), 192),
                                          ((1, 1024, 8, 8), 1024)], ids=str)
 def test_the_bf16_kernel_at_unet_shapes_is_near_the_direct_convolution(shape, cout, engine, gen):
