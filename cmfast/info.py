@@ -48,6 +48,9 @@ def report(verbose: bool = False) -> str:
         engines = winograd.bf16_engines()
         bf16 = f"bf16 too ({engines[0]})" if engines else "not bf16 (it needs AVX512_BF16)"
         lines.append(f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}")
+        if tuning.isa_cap():
+            lines.append(f"CPU code capped at {tuning.isa_cap()} (ONEDNN_MAX_CPU_ISA): torch's oneDNN and cmfast's "
+                         "CPU kernels")
     else:
         lines.append(f"cmfast._C: off ({extension.reason})")
     forced = {op: backends.forced(op) for op in IMPLEMENTED if backends.forced(op)}

@@ -74,12 +74,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def isa_cap() -> str:
+    """oneDNN's instruction-set cap set for this process (ONEDNN_MAX_CPU_ISA, or its former name DNNL_MAX_CPU_ISA;
+    cmfast's CPU kernels follow it too), or ""."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip()
+
+
 @functools.cache
 def cpu_label() -> str:
-    """The CPU's name, with oneDNN's instruction-set cap where the process sets one (ONEDNN_MAX_CPU_ISA, which
-    cmfast's CPU kernels follow too): a capped process runs other code, so its measurements are another machine's."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip()
-    return f"{cpu_name()}, ISA cap {cap}" if cap else cpu_name()
+    """The CPU's name, with the instruction-set cap where the process sets one: a capped process runs other code, so
+    its measurements are another machine's."""
+    return f"{cpu_name()}, ISA cap {isa_cap()}" if isa_cap() else cpu_name()
 
 
 @functools.cache

@@ -52,6 +52,19 @@ def test_the_cpu_kernels_follow_onednns_isa_cap(cap, drops):
     assert capped_amx == ("False" if "amx" in drops else amx)
 
 
+@pytest.mark.skipif(not cmfast.extension.loaded, reason=f"cmfast._C not loaded: {cmfast.extension.reason}")
+def test_info_names_an_isa_cap():
+    capped = subprocess.run([sys.executable, "-m", "cmfast", "info"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert capped.returncode == 0, capped.stderr
+    assert "CPU code capped at AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA)" in capped.stdout
+    assert "amx" not in capped.stdout.split("attention CPU kernels this CPU runs:")[1].splitlines()[0]
+    plain = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    uncapped = subprocess.run([sys.executable, "-m", "cmfast", "info"], capture_output=True, text=True, timeout=300,
+                              env=plain)
+    assert uncapped.returncode == 0 and "capped" not in uncapped.stdout
+
+
 @pytest.mark.gpu
 def test_a_gpu_install_has_the_cuda_kernels():
     assert cmfast.extension.cuda, cmfast.extension.reason
