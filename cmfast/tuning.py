@@ -4,8 +4,9 @@ The fastest kernel differs between machines (on a 2-core AMD Zen 4 cmfast's CPU 
 1.1-3x; on a 2-core Sapphire Rapids Xeon, where SDPA uses AMX, it was 3.5x slower), so no fixed order is right
 everywhere. The first time a choice meets a new class of call (the op, the device, dtype, layout, shape, thread
 count), each candidate runs on the call's own inputs (once to warm up, then in 2-5 interleaved timed rounds within
-a small budget; each candidate's best round counts), the fastest is kept, and the call returns the chosen
-candidate's result. Every candidate is exact against the op's reference, so the choice changes speed, not meaning.
+a small budget, a clear loser dropped after the first; each candidate's best round counts), the fastest is kept,
+and the call returns the chosen candidate's result. Every candidate is exact against the op's reference, so the
+choice changes speed, not meaning.
 
 Choices are kept in memory and on disk, one JSON file per device name and cmfast/torch/extension version under
 the cache folder (`$CMFAST_CACHE`, else ~/.cache/cmfast), written atomically: a second process times nothing.
@@ -43,6 +44,10 @@ MIN_ROUNDS, MAX_ROUNDS = 2, 5
 # Another candidate replaces the fixed order's only when it is this much faster (timings on a shared 2-core machine
 # wander by 5-10% between runs; a choice on noise would flip between processes for nothing).
 MARGIN = 0.05
+# A candidate out of the running: both of its first two runs over (1 + CLEAR) times the leader's best round. One
+# slow run can be the machine's doing; two in a row at 25% over, against a leader timed between them, are the
+# candidate's (5 times the noise MARGIN allows for).
+CLEAR = 0.25
 FORMAT = 1
 
 _memory: dict[tuple, str] = {}  # key -> chosen name, this process
@@ -219,31 +224,39 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
 def measure(device: torch.device, candidates, run, default: str, prepare=None):
     """(fastest name, its result, {name: ms}): each candidate run once to warm up, then timed in interleaved rounds
     (A B A B ...: a machine that slows down or speeds up meanwhile biases none of them), at least MIN_ROUNDS and
-    while within BUDGET_S, at most MAX_ROUNDS; a candidate's best round counts. The fastest runs last, so the result
-    handed back is its own."""
+    while within BUDGET_S, at most MAX_ROUNDS; a candidate's best round counts. A candidate whose every run, its
+    warm-up included, took more than (1 + CLEAR) times the leader's best is out of the running: it is timed no
+    more, and when only the leader is left the measurement ends (a clear loser costs two runs, not three to six:
+    a U-Net's first forward measures dozens of classes of call). The result handed back is the chosen candidate's own run
+    where that ran last, else it runs once more."""
     stats["timed"] += 1
-    result, spent = None, 0.0
+    spent, last = 0.0, (None, None)
 
     def timed(name):
+        nonlocal spent, last
         if prepare is not None:
             prepare(name)
-        return _once(lambda: run(name), device)
+        elapsed, result = _once(lambda: run(name), device)
+        spent, last = spent + elapsed, (name, result)
+        return elapsed
 
-    for name in candidates:  # first-call costs (primitive creation, weight packing, caches) are not the steady state
-        elapsed, result = timed(name)
-        spent += elapsed
+    # first-call costs (primitive creation, weight packing, caches) are not the steady state
+    warm = {name: timed(name) for name in candidates}
     best = dict.fromkeys(candidates, float("inf"))
+    running = list(candidates)
     for rounds in range(1, MAX_ROUNDS + 1):
-        for name in candidates:
-            elapsed, result = timed(name)
-            best[name], spent = min(best[name], elapsed), spent + elapsed
-        if rounds >= MIN_ROUNDS and spent > BUDGET_S:
+        for name in running:
+            best[name] = min(best[name], timed(name))
+        bar = (1 + CLEAR) * min(best[name] for name in running)
+        running = [name for name in running if best[name] <= bar or warm[name] <= bar]
+        if len(running) == 1 or (rounds >= MIN_ROUNDS and spent > BUDGET_S):
             break
     times = {name: round(seconds * 1e3, 4) for name, seconds in best.items()}
     choice = min(times, key=times.get)
     if default in times and times[choice] > (1 - MARGIN) * times[default]:
         choice = default  # within the noise of the measurement: keep the fixed order's choice
-    if choice != candidates[-1]:
+    name, result = last
+    if name != choice:
         if prepare is not None:
             prepare(choice)
         result = run(choice)

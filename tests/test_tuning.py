@@ -62,6 +62,34 @@ def test_default_kept_within_the_noise(tune):
     assert tuning.choose("toy", DEVICE, (2,), ("a", "b"), "a", run, elements=10**6)[0] == "a"
 
 
+def test_a_clear_loser_is_timed_no_more(tune):
+    """Both runs of "a" (warm-up, first round) over 1.25x the leader's best: one round, and b's own run is the
+    result (no run more)."""
+    run, calls = sleepy({"a": 0.03, "b": 0.01})
+    assert tuning.choose("toy", DEVICE, (10,), ("a", "b"), "a", run, elements=10**6) == ("b", "result of b")
+    assert calls == ["a", "b", "a", "b"]
+    assert set(tuning.recorded(("toy", 10), DEVICE)["times_ms"]) == {"a", "b"}
+
+
+def test_close_candidates_and_one_slow_run_keep_being_timed(tune):
+    """Within 1.25x: at least two rounds each. And a candidate slow in one round only (a spike of the machine's) is
+    timed again: its warm-up was within reach of the leader."""
+    run, calls = sleepy({"a": 0.011, "b": 0.010})
+    tuning.choose("toy", DEVICE, (11,), ("a", "b"), "a", run, elements=10**6)
+    assert calls.count("a") >= 3 and calls.count("b") >= 3
+    spikes = {"a": [0.011, 0.04]}  # a's warm-up, then one slow round, then its usual 11 ms
+
+    def spiky(name):
+        calls.append(name)
+        time.sleep(spikes[name].pop(0) if spikes.get(name) else {"a": 0.011, "b": 0.010}[name])
+        return name
+
+    calls.clear()
+    tuning.choose("toy", DEVICE, (12,), ("a", "b"), "a", spiky, elements=10**6)
+    assert calls.count("a") >= 3
+    assert tuning.recorded(("toy", 12), DEVICE)["times_ms"]["a"] < 20
+
+
 def test_preparing_a_candidate_is_not_timed(tune):
     """A switch between candidates (the U-Net's weights to another layout) costs what the steady state never pays:
     prepare() runs before each run, outside the timing, and before the chosen candidate's final call."""

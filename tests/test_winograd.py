@@ -169,14 +169,47 @@ def test_the_bf16_kernel_at_unet_shapes_is_near_the_direct_convolution(shape, co
     assert rms(got) <= 1.6 * rms(F.conv2d(x, weight, bias, padding=1) + add)
 
 
-@bf16_kernel
-def test_the_bf16_filters_are_packed_as_the_products_read_them(gen):
-    weight, _ = random_conv(64, 96, gen)
-    packed = winograd.prepared(weight.bfloat16())
-    assert packed.shape == (96 // 32, 16, 64 // 2, 32, 2) and packed.is_contiguous()
-    # [out block][k][input pair][output][pair member] back to (16, in, out)
-    unpacked = packed.permute(1, 2, 4, 0, 3).reshape(16, 64, 96)
-    assert torch.equal(unpacked, winograd.filters(weight.bfloat16()))
+@compiled
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype, cin, cout", [(torch.float32, 5, 7), (torch.float32, 33, 17), (torch.float32, 40, 70),
+                                              (torch.bfloat16, 64, 96), (torch.bfloat16, 96, 32),
+                                              (torch.bfloat16, 34, 64)], ids=str)
+def test_the_compiled_filters_are_the_definition(dtype, cin, cout, layout, gen):
+    """prepared (csrc/winograd.cpp) gives filters()' bits, in bf16 packed as the products read them, from weights in
+    any memory layout, at sizes that leave its blocks of 32 outputs and 16 inputs partial."""
+    if dtype == torch.bfloat16 and not winograd.available(dtype):
+        pytest.skip("the bf16 kernel needs a CPU that runs AVX512_BF16")
+    weight = random_conv(cin, 2 * cout if layout == "strided" else cout, gen)[0].to(dtype)
+    weight = {"contiguous": weight, "channels_last": weight.contiguous(memory_format=torch.channels_last),
+              "strided": weight[::2]}[layout]
+    want = winograd.filters(weight)
+    got = winograd.prepared(weight)
+    if dtype == torch.bfloat16:
+        assert got.shape == (cout // 32, 16, cin // 2, 32, 2) and got.is_contiguous()
+        got = got.permute(1, 2, 4, 0, 3).reshape(16, cin, cout)  # [out block][k][in pair][out][pair member]
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@compiled
+def test_the_filter_transform_refuses_what_it_would_misindex():
+    def op(weight, u):
+        torch.ops.cmfast_C.winograd_filters(weight, u)
+
+    weight = torch.zeros(32, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="shape \\(out, in, 3, 3\\)"):
+        op(torch.zeros(32, 4, 5, 5), torch.empty(16, 4, 32))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(weight.double(), torch.empty(16, 4, 32, dtype=torch.double))
+    with pytest.raises(RuntimeError, match="the weight's dtype"):
+        op(weight, torch.empty(16, 4, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(weight, torch.empty(16, 32, 4).transpose(1, 2))
+    with pytest.raises(RuntimeError, match="shape \\(16, in, out\\)"):
+        op(weight, torch.empty(16, 32, 4))
+    with pytest.raises(RuntimeError, match="out a multiple of 32"):
+        op(torch.zeros(16, 4, 3, 3, dtype=torch.bfloat16), torch.empty(1, 16, 2, 32, 2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="in / 2, 32, 2"):
+        op(weight.bfloat16(), torch.empty(16, 4, 32, dtype=torch.bfloat16))
 
 
 @bf16_kernel

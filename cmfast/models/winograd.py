@@ -81,21 +81,27 @@ def takes(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def filters(weight: torch.Tensor) -> torch.Tensor:
-    """U = G g G^T of a (out, in, 3, 3) weight, as (16, in, out) in the weight's dtype (computed in float64)."""
+    """U = G g G^T of a (out, in, 3, 3) weight, as (16, in, out) in the weight's dtype (computed in float64): the
+    definition, in torch ops (prepared computes the same numbers, compiled)."""
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().double(), g)
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
 def prepared(weight: torch.Tensor) -> torch.Tensor:
-    """The filters as conv3x3 takes them for this weight: filters(weight) in fp32; in bf16 packed as the products'
-    B operands, (out / 32, 16, in / 2, 32, 2): per block of 32 outputs and product k, a row per pair of input
-    channels holding the 32 outputs' pairs."""
-    u = filters(weight)
-    if weight.dtype != torch.bfloat16:
-        return u
-    _, cin, cout = u.shape
-    return u.view(16, cin // 2, 2, cout // BF16_STEP, BF16_STEP).permute(3, 0, 1, 4, 2).contiguous()
+    """The filters as conv3x3 takes them for this weight (where takes()): filters(weight) in fp32; in bf16 packed as
+    the products' B operands, (out / 32, 16, in / 2, 32, 2): per block of 32 outputs and product k, a row per pair
+    of input channels holding the 32 outputs' pairs. Compiled (csrc/winograd.cpp), in float64 as filters() and
+    with its roundings: about 20 ms for a 768x1536 weight on 2 Sapphire Rapids cores, where the torch ops take 200,
+    which a first call of every 3x3 module paid."""
+    out_channels, in_channels = weight.shape[:2]
+    if weight.dtype == torch.bfloat16:
+        shape = (out_channels // BF16_STEP, 16, in_channels // 2, BF16_STEP, 2)
+    else:
+        shape = (16, in_channels, out_channels)
+    u = torch.empty(shape, dtype=weight.dtype)
+    torch.ops.cmfast_C.winograd_filters(weight.detach(), u)
+    return u
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None = None,
