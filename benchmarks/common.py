@@ -135,7 +135,7 @@ class Session:
         ("kernel", True): Timing(warmup=3, min_reps=25, min_seconds=0.1),
         ("kernel", False): Timing(warmup=3, min_reps=10, min_seconds=0.3),
         ("model", True): Timing(warmup=2, min_reps=5, min_seconds=0.2),
-        ("model", False): Timing(warmup=1, min_reps=6, min_seconds=0.0),  # two passes of 3 (Session.record_row)
+        ("model", False): Timing(warmup=1, min_reps=10, min_seconds=0.0),  # two passes of 5 (Session.record_row)
     }
     QUICK = Timing(warmup=1, min_reps=3, min_seconds=0.0)
 
