@@ -284,12 +284,14 @@ def unet_forward(session, models: Models, analysis: Analysis, batch: int, dtype)
 
 @contextlib.contextmanager
 def _layout(unet, channels_last):
-    """The U-Net in a fixed layout for the calls inside, then as cmfast.load leaves it (the layout measured faster)."""
+    """The U-Net in a fixed layout for the calls inside, then as cmfast.load leaves it (the layout measured faster),
+    its weights back in the layout they had: converted here, outside the timing, not in the next provider's call."""
+    weights_cl = next(p for p in unet.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
     unet.set_channels_last(channels_last)
     try:
         yield
     finally:
-        unet.set_channels_last(None)
+        unet.set_channels_last(weights_cl).set_channels_last(None)
 
 
 @contextlib.contextmanager

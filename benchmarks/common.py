@@ -135,7 +135,7 @@ class Session:
         ("kernel", True): Timing(warmup=3, min_reps=25, min_seconds=0.1),
         ("kernel", False): Timing(warmup=3, min_reps=10, min_seconds=0.3),
         ("model", True): Timing(warmup=2, min_reps=5, min_seconds=0.2),
-        ("model", False): Timing(warmup=1, min_reps=10, min_seconds=0.0),  # two passes of 5 (Session.record_row)
+        ("model", False): Timing(warmup=1, min_reps=10, min_seconds=0.0),  # 10 rounds (Session.record_row)
     }
     QUICK = Timing(warmup=1, min_reps=3, min_seconds=0.0)
 
@@ -200,28 +200,41 @@ class Session:
     def record_row(self, benchmark: str, entries, *, shape: str, dtype, batch: int, timing: Timing,
                    flop: float | None = None) -> None:
         """The providers of one row, entries (provider, call, note, context: a callable giving the context manager
-        each call runs in, or None), timed in two passes, in order and then in reverse (each pass with its warm-up
-        calls and half the timed calls): a machine that is slower for a while after some provider (a model built or
-        compiled, a measurement, memory returned) then weighs on no provider's place in the row. Each row takes the
-        times of both passes."""
-        half = Timing(warmup=timing.warmup, min_reps=max(1, (timing.min_reps + 1) // 2),
-                      min_seconds=timing.min_seconds / 2, max_reps=timing.max_reps)
+        each call runs in, or None): each provider's warm-up calls, then rounds of one timed call of each, in order
+        and in reverse alternately, until each has timing.min_reps calls and timing.min_seconds. These VMs' speed
+        steps by 10-20% within minutes, and a machine runs slower for a while after a heavy provider (a model built
+        or compiled, memory returned): timed round by round, every provider meets the machine as it is at each
+        moment, where timed a pass at a time the first and last providers of a row took such a step alone (the
+        same U-Net 17% apart in one row, 2026-12-06)."""
         times = {entry[0]: [] for entry in entries}
         loads: dict[str, list[float]] = {entry[0]: [] for entry in entries}
-        for order in (entries, entries[::-1]):
+        once = Timing(warmup=0, min_reps=1, min_seconds=0.0)
+
+        def run(provider, call, context, how: Timing) -> None:
+            try:
+                with context() if context is not None else contextlib.nullcontext():
+                    got, other = timed_calls([call], self.device, how)
+            except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)
+                self._failed(benchmark, provider, shape, dtype, e)
+                del times[provider]
+                return
+            times[provider] += got
+            if other is not None and got:
+                loads[provider].append(other)
+
+        for provider, call, _, context in entries:
+            run(provider, call, context, Timing(warmup=timing.warmup, min_reps=0, min_seconds=0.0))
+
+        def wanting(provider) -> bool:  # a fast provider goes on alone once the slow ones have their calls
+            t = times.get(provider)
+            return t is not None and (len(t) < timing.min_reps or sum(t) < timing.min_seconds * 1e3)
+
+        for rounds in range(timing.max_reps):
+            order = [entry for entry in (entries if rounds % 2 == 0 else entries[::-1]) if wanting(entry[0])]
+            if not order:
+                break
             for provider, call, _, context in order:
-                if provider not in times:  # failed in the first pass
-                    continue
-                try:
-                    with context() if context is not None else contextlib.nullcontext():
-                        got, other = timed_calls([call], self.device, half)
-                except Exception as e:  # noqa: BLE001  (a failing provider must not stop the suite)
-                    self._failed(benchmark, provider, shape, dtype, e)
-                    del times[provider]
-                    continue
-                times[provider] += got
-                if other is not None:
-                    loads[provider].append(other)
+                run(provider, call, context, once)
         for provider, _, note, _ in entries:
             if provider in times:
                 other = max(loads[provider]) if loads[provider] else None

@@ -218,3 +218,42 @@ def test_rows_say_when_the_compiled_kernels_are_off(monkeypatch):
     loaded = _extension.ExtensionStatus(loaded=True, cpu=True, cuda=False, reason="")
     monkeypatch.setattr(_extension, "status", loaded)
     assert "off" not in bench_sampling._backends_note(session)
+
+
+def test_a_row_is_timed_round_by_round():
+    """Session.record_row: every provider's warm-up, then one timed call of each a round, in order and in reverse
+    alternately; a provider that fails is logged and dropped, the others go on; a provider still short of
+    min_seconds goes on alone."""
+    import time
+
+    from benchmarks.common import Session
+    from benchmarks.measure import Timing
+
+    session = Session.__new__(Session)  # no ceilings measured: only the row's timing is under test
+    session.device, session.gpu, session.failures, session.log = torch.device("cpu"), False, [], lambda *a: None
+    added = {}
+    session._add = lambda benchmark, provider, m, **kw: added.__setitem__(provider, m)
+    calls = []
+
+    def provider(name, fail_at=None, sleep=0.0):
+        def call():
+            calls.append(name)
+            time.sleep(sleep)
+            if calls.count(name) == fail_at:
+                raise RuntimeError("boom")
+        return call
+
+    entries = [("a", provider("a"), "", None), ("b", provider("b", fail_at=3), "", None), ("c", provider("c"), "", None)]
+    session.record_row("toy", entries, shape="s", dtype=torch.float32, batch=1,
+                       timing=Timing(warmup=1, min_reps=4, min_seconds=0.0))
+    assert calls == ["a", "b", "c", "a", "b", "c", "c", "b", "a", "a", "c", "c", "a"]
+    assert set(added) == {"a", "c"} and added["a"].reps == added["c"].reps == 4
+    assert len(session.failures) == 1 and "toy b" in session.failures[0] and "boom" in session.failures[0]
+
+    calls.clear()
+    added.clear()
+    entries = [("slow", provider("slow", sleep=0.03), "", None), ("fast", provider("fast", sleep=0.005), "", None)]
+    session.record_row("toy", entries, shape="s", dtype=torch.float32, batch=1,
+                       timing=Timing(warmup=0, min_reps=2, min_seconds=0.05))
+    assert calls[:4] == ["slow", "fast", "fast", "slow"] and calls.count("slow") == 2
+    assert set(calls[4:]) == {"fast"} and 4 <= calls.count("fast") <= 11 and added["fast"].reps == calls.count("fast")
