@@ -1,13 +1,16 @@
 // Winograd's F(2x2, 3x3) convolution (stride 1, padding 1) for bfloat16 channels_last images, its three steps in one
 // op. A thread takes a chunk of tiles at a time and keeps it in its own cache:
 //   1. V = B^T d B of the chunk's tiles into v[16][tiles][C] (bf16, rounded once from fp32);
-//   2. per block of 32 output channels, the 16 products M_k = V_k U_k with bf16 pairs multiplied and summed in fp32,
-//      into m[16][tiles][32] (fp32), by one of two engines:
-//      - "amx": AMX tile multiplies (tdpbf16ps), 32x32 blocks;
-//      - "dot": AVX512_BF16 dot products (vdpbf16ps), for CPUs without AMX (AMD Zen 4): each tile's channel pair
-//        broadcast against the 32 outputs' pairs (two registers), 12 tiles at a time in 24 accumulators.
-//      Both add the same products in fp32, in another order;
-//   3. Y = A^T M A for those 32 channels, plus bias and residual in fp32, rounded once to bf16.
+//   2. the 16 products M_k = V_k U_k with bf16 pairs multiplied and summed in fp32 (M fp32), by one of two engines:
+//      - "amx": AMX tile multiplies (tdpbf16ps), 32x32 blocks, into m[16][tiles][O] for all the task's output
+//        channels: product k outermost, then a 32-tile step of V_k (32 rows: held in L1 across the output
+//        blocks), then the output blocks (U_k's: read once a chunk and k), so that a chunk of up to 256 tiles reads
+//        U once where chunks of 32 read it 8 times;
+//      - "dot": AVX512_BF16 dot products (vdpbf16ps), for CPUs without AMX (AMD Zen 4), per block of 32 output
+//        channels into m[16][tiles][32]: each tile's channel pair broadcast against the 32 outputs' pairs (two
+//        registers), 12 tiles at a time in 24 accumulators.
+//      Both add the same products in fp32, in the same order;
+//   3. Y = A^T M A, plus bias and residual in fp32, rounded once to bf16.
 // Against the fp32 route (winograd.cpp's transforms around torch.bmm, whose bf16 products would come back rounded
 // to bf16, with V and M streamed through memory) M stays fp32 and nothing leaves the chunk but the output.
 //
@@ -59,12 +62,18 @@ CMFAST_BF16_INLINE void store_bf16(uint16_t* p, __m512 v) {
 // Tiles a step (two A tiles of 16 rows), output channels a block (two B tiles of 16 columns) and input channels
 // a step (a tile row: 32 bf16).
 constexpr int64_t kStep = 32;
-// The chunk's transformed inputs: in L2 (2 MB a core on Sapphire Rapids) while step 2 reads them once per block of
-// output channels, beside a block's filters, the products and the chunk's outputs. Measured on 2 Sapphire Rapids
-// cores at LSUN-256's widths (256-512 channels, 64x64 to 256x256): 512 KB at least as fast as 256 KB, 1 MB or 2 MB
-// everywhere, by up to 10% at 512 -> 256 channels.
+// dot: the chunk's transformed inputs in L2 (2 MB a core on Sapphire Rapids) while step 2 reads them once per block
+// of output channels, beside a block's filters, the products and the chunk's outputs. Measured with the AMX
+// products in that loop order (on 2 Sapphire Rapids cores, at LSUN-256's widths, 256-512 channels, 64x64 to
+// 256x256): 512 KB at least as fast as 256 KB, 1 MB or 2 MB everywhere, by up to 10% at 512 -> 256 channels.
 constexpr int64_t kChunkBytes = 512 << 10;
 constexpr int64_t kMaxChunkTiles = 256;  // at few channels: m (16 x tiles x 32 fp32) stays at 512 KB
+// amx: V and M of up to 256 tiles a chunk (L2 or L3; a core's L1 holds the 32-tile step of V_k it works on), within
+// 16 MB a thread. Against 32-tile chunks in the loop order of dot, on 2 Sapphire Rapids cores: 1x512x256x256 -> 256
+// channels 53 -> 42 ms, 1x512x128x128 -> 512 22 -> 16, 1x768x128x128 -> 256 17 -> 13, 4x384x64x64 11.3 -> 9.6; 96,
+// 128 and 512-tile chunks were slower or equal.
+constexpr int64_t kAmxChunkBytes = 16 << 20;
+constexpr int64_t kAmxMaxChunkTiles = 256;
 
 struct Conv {
   Geometry g;
@@ -78,11 +87,12 @@ struct Conv {
   const uint16_t* add;
   uint16_t* y;
 
-  // Elements between the 16 products' slices in the chunk's buffers v[16][chunk][C] and m[16][chunk][32]: one
-  // cache line more than the slice, so the 16 lines a tile's transform touches at the same offset in each slice do
-  // not all fall in one L1 set (slices a multiple of 4 KB long would: 16 lines into 12 ways).
+  // Elements between the 16 products' slices in the chunk's buffers v[16][chunk][C] and m[16][chunk][32] (dot) or
+  // m[16][chunk][O] (amx): one cache line more than the slice, so the 16 lines a tile's transform touches at the
+  // same offset in each slice do not all fall in one L1 set (slices a multiple of 4 KB long would: 16 lines into 12
+  // ways).
   int64_t v_stride() const { return chunk * channels + 32; }
-  int64_t m_stride() const { return chunk * kStep + 16; }
+  int64_t m_stride(bool amx) const { return chunk * (amx ? out_channels : kStep) + 16; }
 };
 
 // A thread's scratch for the chunks' v and m, kept between calls (up to about 1 MB a thread): allocated anew per
@@ -153,21 +163,25 @@ CMFAST_BF16_INLINE void output_block(const float* m, int64_t stride, int64_t c, 
   }
 }
 
-// m[k][t0 + r][0..32) = sum over c of v[k][t0 + r][c] u[k][c][0..32), r < 32, for one block of output channels,
-// rows t0 = 0, 32, ... < rows: the engines' step 2.
-CMFAST_AMX void amx_products(const Conv& p, const uint16_t* v, const uint16_t* u_block, int64_t rows, float* m) {
-  const int64_t c_count = p.channels;
+// m[k][t][o - o_begin] (rows of `width` floats, products `m_stride` floats apart) = sum over c of v[k][t][c]
+// u[k][c][o] for t < rows and the output blocks [o_begin, o_end): product k outermost, then a 32-row step of V_k
+// (held in L1 across the output blocks), then the output blocks (each's filters U_k block, read once per chunk).
+CMFAST_AMX void amx_products(const Conv& p, const uint16_t* v, int64_t rows, int64_t o_begin, int64_t o_end,
+                                  float* m, int64_t m_stride) {
+  const int64_t c_count = p.channels, width = o_end - o_begin;
   for (int k = 0; k < 16; ++k) {
-    const uint16_t* uk = u_block + k * c_count * kStep;  // [C / 2][32][2]
     const uint16_t* vk = v + k * p.v_stride();
-    float* mk = m + k * p.m_stride();
+    float* mk = m + k * m_stride;
     for (int64_t t0 = 0; t0 < rows; t0 += kStep) {
-      zero_2x2();
-      for (int64_t c0 = 0; c0 < c_count; c0 += kStep) {  // B: pair rows c0 / 2 .. + 16, outputs 0-15 and 16-31
-        multiply_2x2(vk + t0 * c_count + c0, vk + (t0 + 16) * c_count + c0, c_count * 2, uk + c0 * kStep,
-                     uk + c0 * kStep + kStep, kStep * 4);
+      for (int64_t o0 = o_begin; o0 < o_end; o0 += kStep) {
+        const uint16_t* uk = p.u + o0 * 16 * c_count + k * c_count * kStep;
+        zero_2x2();
+        for (int64_t c0 = 0; c0 < c_count; c0 += kStep) {
+          multiply_2x2(vk + t0 * c_count + c0, vk + (t0 + 16) * c_count + c0, c_count * 2, uk + c0 * kStep,
+                       uk + c0 * kStep + kStep, kStep * 4);
+        }
+        store_2x2(mk + t0 * width + (o0 - o_begin), width);
       }
-      store_2x2(mk + t0 * kStep, kStep);
     }
   }
 }
@@ -200,7 +214,7 @@ CMFAST_BF16 void dot_products(const Conv& p, const uint16_t* v, const uint16_t* 
   for (int k = 0; k < 16; ++k) {
     const uint16_t* uk = u_block + k * c_count * kStep;
     const uint16_t* vk = v + k * p.v_stride();
-    float* mk = m + k * p.m_stride();
+    float* mk = m + k * p.m_stride(false);
     int64_t t0 = 0;  // rows: a multiple of 4, in steps of 12 (24 accumulators), then 8 or 4
     for (; t0 + 12 <= rows; t0 += 12) dot_rows<12>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
     if (rows - t0 == 8) dot_rows<8>(vk + t0 * c_count, c_count, uk, mk + t0 * kStep);
@@ -208,34 +222,56 @@ CMFAST_BF16 void dot_products(const Conv& p, const uint16_t* v, const uint16_t* 
   }
 }
 
-using Products = void (*)(const Conv&, const uint16_t*, const uint16_t*, int64_t, float*);
+// A task: a chunk's tiles [tile0, tile0 + count) and a share [o_begin, o_end) of its output channels.
+struct Task {
+  int64_t tile0, count, o_begin, o_end;
+};
 
-// Task `task` (a chunk's tiles, a share of its output blocks) through the three steps; v and m: this thread's
-// buffers.
-template <Products products>
-CMFAST_BF16_INLINE void run_task(const Conv& p, int64_t task, uint16_t* v, float* m) {
-  const int64_t c_count = p.channels, blocks = p.out_channels / kStep;
-  const int64_t tile0 = task / p.splits * p.chunk, count = std::min(p.chunk, p.g.tiles() - tile0);
-  const int64_t share = task % p.splits;
-  const int64_t o_begin = blocks * share / p.splits * kStep, o_end = blocks * (share + 1) / p.splits * kStep;
-  // The last step of rows may run past the chunk's tiles: those rows of v hold stale values, and the rows of m
-  // they give (a tile product's rows are independent) are never read.
-  const int64_t rows = (count + p.rows_step - 1) / p.rows_step * p.rows_step;
-  for (int64_t i = 0; i < count; ++i) {
+Task task_of(const Conv& p, int64_t task) {
+  const int64_t blocks = p.out_channels / kStep, share = task % p.splits, tile0 = task / p.splits * p.chunk;
+  return {tile0, std::min(p.chunk, p.g.tiles() - tile0), blocks * share / p.splits * kStep,
+          blocks * (share + 1) / p.splits * kStep};
+}
+
+// Step 1 for the task's tiles into v. Its rows past count (up to the engine's step) keep stale values: the rows of m
+// they give (a tile product's rows are independent) are never read.
+CMFAST_BF16_INLINE void input_chunk(const Conv& p, const Task& t, uint16_t* v) {
+  for (int64_t i = 0; i < t.count; ++i) {
     const uint16_t* patch[16];
-    p.g.patch(p.x, c_count, tile0 + i, patch);
-    for (int64_t c = 0; c < c_count; c += 16) input_block(patch, c, v + i * c_count, p.v_stride());
+    p.g.patch(p.x, p.channels, t.tile0 + i, patch);
+    for (int64_t c = 0; c < p.channels; c += 16) input_block(patch, c, v + i * p.channels, p.v_stride());
   }
-  for (int64_t o0 = o_begin; o0 < o_end; o0 += kStep) {
-    products(p, v, p.u + o0 * 16 * c_count, rows, m);
-    for (int64_t i = 0; i < count; ++i) {
-      uint16_t* pixels[4];
-      const uint16_t* adds[4];
-      p.g.outputs(p.y + o0, p.add == nullptr ? nullptr : p.add + o0, p.out_channels, tile0 + i, pixels, adds);
-      const float* bias = p.bias == nullptr ? nullptr : p.bias + o0;
-      output_block(m + i * kStep, p.m_stride(), 0, bias, pixels, adds);
-      output_block(m + i * kStep, p.m_stride(), 16, bias, pixels, adds);
-    }
+}
+
+// Step 3 for the task's tiles and output channels [o0, o0 + width) from m[k][i][0..width) (`row` floats a tile).
+CMFAST_BF16_INLINE void output_chunk(const Conv& p, const Task& t, const float* m, int64_t m_stride, int64_t row,
+                                     int64_t o0, int64_t width) {
+  const float* bias = p.bias == nullptr ? nullptr : p.bias + o0;
+  for (int64_t i = 0; i < t.count; ++i) {
+    uint16_t* pixels[4];
+    const uint16_t* adds[4];
+    p.g.outputs(p.y + o0, p.add == nullptr ? nullptr : p.add + o0, p.out_channels, t.tile0 + i, pixels, adds);
+    for (int64_t c = 0; c < width; c += 16) output_block(m + i * row, m_stride, c, bias, pixels, adds);
+  }
+}
+
+// The three steps of a task; v and m: this thread's buffers. AMX: all the share's output channels at once.
+CMFAST_AMX void amx_task(const Conv& p, int64_t task, uint16_t* v, float* m) {
+  const Task t = task_of(p, task);
+  input_chunk(p, t, v);
+  const int64_t rows = (t.count + kStep - 1) / kStep * kStep;
+  amx_products(p, v, rows, t.o_begin, t.o_end, m, p.m_stride(true));
+  output_chunk(p, t, m, p.m_stride(true), t.o_end - t.o_begin, t.o_begin, t.o_end - t.o_begin);
+}
+
+// dot: a block of 32 output channels at a time.
+CMFAST_BF16 void dot_task(const Conv& p, int64_t task, uint16_t* v, float* m) {
+  const Task t = task_of(p, task);
+  input_chunk(p, t, v);
+  const int64_t rows = (t.count + p.rows_step - 1) / p.rows_step * p.rows_step;
+  for (int64_t o0 = t.o_begin; o0 < t.o_end; o0 += kStep) {
+    dot_products(p, v, p.u + o0 * 16 * p.channels, rows, m);
+    output_chunk(p, t, m, p.m_stride(false), kStep, o0, kStep);
   }
 }
 
@@ -245,24 +281,24 @@ struct Buffers {
   float* m;
 };
 
-Buffers thread_buffers(const Conv& p) {
+Buffers thread_buffers(const Conv& p, bool amx) {
   static thread_local Scratch scratch;
   const size_t v_bytes = (16 * p.v_stride() * sizeof(uint16_t) + 63) / 64 * 64;
-  char* buffer = scratch.get(v_bytes + 16 * p.m_stride() * sizeof(float));
+  char* buffer = scratch.get(v_bytes + 16 * p.m_stride(amx) * sizeof(float));
   return {reinterpret_cast<uint16_t*>(buffer), reinterpret_cast<float*>(buffer + v_bytes)};
 }
 
 // Tasks [first, last) on this thread, with its own buffers (and, for AMX, its tile configuration).
 CMFAST_AMX void amx_tasks(const Conv& p, int64_t first, int64_t last) {
-  const Buffers b = thread_buffers(p);
+  const Buffers b = thread_buffers(p, true);
   configure_tiles();
-  for (int64_t t = first; t < last; ++t) run_task<amx_products>(p, t, b.v, b.m);
+  for (int64_t t = first; t < last; ++t) amx_task(p, t, b.v, b.m);
   _tile_release();
 }
 
 CMFAST_BF16 void dot_tasks(const Conv& p, int64_t first, int64_t last) {
-  const Buffers b = thread_buffers(p);
-  for (int64_t t = first; t < last; ++t) run_task<dot_products>(p, t, b.v, b.m);
+  const Buffers b = thread_buffers(p, false);
+  for (int64_t t = first; t < last; ++t) dot_task(p, t, b.v, b.m);
 }
 
 void check_bf16_image(const at::Tensor& t, const char* name) {
@@ -294,18 +330,24 @@ void winograd_bf16_op(const at::Tensor& x, const at::Tensor& u, const std::optio
   const Geometry g = geometry_of(x.size(0), x.size(2), x.size(3));
   const int64_t tiles = g.tiles();
   if (tiles == 0) return;
-  // As many tiles a chunk as keep V in kChunkBytes, but enough chunks for every thread; where the image has too
-  // few tiles for that (8x8 at batch 1: 16 tiles, one step of AMX rows), each chunk's output blocks are shared
-  // among tasks, each transforming the chunk's input anew.
+  // As many tiles a chunk as keep its buffers in the engine's budget (dot: V in kChunkBytes; amx: V and M in
+  // kAmxChunkBytes), but enough chunks for every thread; where the image has too few tiles for that (8x8 at batch
+  // 1: 16 tiles, one step of AMX rows), each chunk's output blocks are shared among tasks, each transforming the
+  // chunk's input anew.
   const bool amx = engine == "amx";
   const int64_t step = amx ? kStep : 4;  // AMX: two 16-row tiles; dot: rows in 12, 8 or 4
   const int64_t threads = at::get_num_threads();
-  // The chunk holds at least 32 tiles where the image has them, even past kChunkBytes: each chunk reads all the
+  // The chunk holds at least 32 tiles where the image has them, even past the budget: each chunk reads all the
   // transformed filters, 16 C O bf16 (10 MB at 576 -> 576 channels), and smaller chunks read them more often (dot
   // engine, 4x576x16x16 on the Xeon: 13 ms in chunks of 32 tiles, 14 in chunks of 28).
-  const int64_t fit = std::clamp(kChunkBytes / (16 * channels * 2) / kStep * kStep, kStep, kMaxChunkTiles);
+  const int64_t fit = amx ? std::clamp(kAmxChunkBytes / (16 * (2 * channels + 4 * out_channels)) / kStep * kStep,
+                                       kStep, kAmxMaxChunkTiles)
+                          : std::clamp(kChunkBytes / (16 * channels * 2) / kStep * kStep, kStep, kMaxChunkTiles);
   const int64_t share = ((tiles + threads - 1) / threads + step - 1) / step * step;
-  const int64_t chunk = std::min(fit, share);
+  // amx: a thread's share in chunks of about equal size (a share of 128 tiles in two chunks of 96 and 32 would
+  // leave the threads unevenly loaded)
+  const int64_t pieces = amx ? (share + fit - 1) / fit : 1;
+  const int64_t chunk = amx ? ((share + pieces - 1) / pieces + step - 1) / step * step : std::min(fit, share);
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   const int64_t splits = std::clamp((threads + chunks - 1) / chunks, int64_t{1}, out_channels / kStep);
   const Conv p{g,
