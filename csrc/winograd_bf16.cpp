@@ -1,5 +1,5 @@
 // Winograd's F(2x2, 3x3) convolution (stride 1, padding 1) for bfloat16 channels_last images, its three steps in one
-// op. A thread takes a chunk of tiles at a time and keeps it in its own cache:
+// op. A thread takes a chunk of tiles at a time into buffers of its own (dot: sized for its L2):
 //   1. V = B^T d B of the chunk's tiles into v[16][tiles][C] (bf16, rounded once from fp32);
 //   2. the 16 products M_k = V_k U_k with bf16 pairs multiplied and summed in fp32 (M fp32), by one of two engines:
 //      - "amx": AMX tile multiplies (tdpbf16ps), 32x32 blocks, into m[16][tiles][O] for all the task's output
