@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import __version__, backends, tuning
+from . import __version__, backends, memory, tuning
 from ._extension import compiled, status as extension
 from .ops import IMPLEMENTED
 
@@ -48,6 +48,7 @@ def report(verbose: bool = False) -> str:
         engines = winograd.bf16_engines()
         bf16 = f"bf16 too ({engines[0]})" if engines else "not bf16 (it needs AVX512_BF16)"
         lines.append(f"Winograd 3x3 convolutions (CPU, channels_last): fp32, {bf16}")
+        lines.append("CPU forwards' large tensors: " + _memory_reuse())
         if tuning.isa_cap():
             lines.append(f"CPU code capped at {tuning.isa_cap()} (ONEDNN_MAX_CPU_ISA): torch's oneDNN and cmfast's "
                          "CPU kernels")
@@ -70,6 +71,17 @@ def report(verbose: bool = False) -> str:
             lines.append(f"    {op:<12} -> {chosen:<10} (kernels: {', '.join(implemented)})")
         lines.extend(_measured(device, verbose))
     return "\n".join(lines)
+
+
+def _memory_reuse() -> str:
+    try:
+        cap = memory.keep_bytes()
+    except ValueError as e:
+        return f"memory reuse refused: {e}"
+    if not cap:
+        return f"memory not reused ({memory.KEEP_ENV}=0)"
+    kept = memory.stats()["kept_bytes"]
+    return f"memory reused, {kept / 2**20:.0f} MiB kept now, at most {cap / 2**20:.0f} MiB ({memory.KEEP_ENV})"
 
 
 def _measured(device: torch.device, verbose: bool) -> list[str]:

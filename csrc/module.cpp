@@ -29,6 +29,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_cpu_kernels", &cmfast::attention_cpu_kernels, "the attention CPU kernels this CPU runs");
   m.def("attention_cpu", &cmfast::attention_cpu, "the attention op's CPU kernel `kernel` (f32 or bf16) on qkv into out",
         py::arg("qkv"), py::arg("num_heads"), py::arg("out"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_memory_enter", &cmfast::cpu_memory_enter,
+        "start a scope where large CPU tensors reuse freed memory (kept up to cap_bytes); true when it is in effect",
+        py::arg("cap_bytes"));
+  m.def("cpu_memory_exit", &cmfast::cpu_memory_exit, "end a scope of cpu_memory_enter");
+  m.def("cpu_memory_trim", &cmfast::cpu_memory_trim, "free the kept blocks", py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_memory_stats", &cmfast::cpu_memory_stats, "the reusing allocator's blocks and counts");
 #ifdef CMFAST_WITH_CUDA
   m.def("group_norm_cuda_path", &cmfast::group_norm_cuda_path, "which CUDA kernel group_norm runs for x");
 #endif

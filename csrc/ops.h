@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,6 +26,14 @@ void attention_cpu(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& o
 // The bf16 Winograd op's engines this CPU runs, fastest first ("amx": AMX tile multiplies; "dot": AVX512_BF16 dot
 // products); the op (winograd_bf16) is told which to run.
 std::vector<std::string> winograd_bf16_engines();
+
+// Reusing the CPU memory of large tensors (csrc/cpu_memory.cpp): a scope in which this library's allocator stands in
+// for torch's CPU allocator (entered again by any thread: counted; true when it stands in), its freed large blocks
+// kept up to cap_bytes; trim frees the kept blocks; stats for tests and `cmfast info`.
+bool cpu_memory_enter(int64_t cap_bytes);
+void cpu_memory_exit();
+void cpu_memory_trim();
+std::map<std::string, int64_t> cpu_memory_stats();
 
 #ifdef CMFAST_WITH_CUDA
 // Which CUDA kernel group_norm would run for x on its device: fused, shared, cluster, two-stage (for tests and

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backends, ops, tuning
+from .. import backends, memory, ops, tuning
 from .config import UNetConfig
 from .conv import Conv2d
 
@@ -359,6 +359,12 @@ class UNet(PrecisionMoves, nn.Module):
         self._check_inputs(x, timesteps, y)
         if y is not None and y.dtype != torch.long:
             y = y.long()  # uint8, int32, ...: nn.Embedding indexes with int64 (a uint8 index would be a mask)
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            with memory.reusing():  # the large activations' memory reused from the last forward: no page faults
+                return self._dispatch(x, timesteps, y)
+        return self._dispatch(x, timesteps, y)
+
+    def _dispatch(self, x, timesteps, y) -> torch.Tensor:
         if self.channels_last is None:
             return self._measured_layout(x, timesteps, y)
         return self._forward(x, timesteps, y, self.channels_last)
