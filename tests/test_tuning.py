@@ -291,8 +291,11 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shifted", [False, True], ids=["bias", "bias+shift"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}to{c[1]}k{c[2]}")
-def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, gen):
+def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, shifted, gen):
+    """Each way to run a convolution, with the residual add fused or not and with a per-channel shift of the bias
+    (a ResBlock's time embedding at batch 1) or not, against the direct sum in float64."""
     cin, cout, k, pad, shape = case
     conv = Conv2d(cin, cout, k, padding=pad)
     with torch.no_grad():
@@ -306,7 +309,10 @@ def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, ge
     out_shape = (shape[0], cout, shape[2], shape[3])
     add = torch.randn(out_shape, generator=gen).to(dtype).contiguous(memory_format=x.dim() == 4 and (
         torch.channels_last if layout == "channels_last" else torch.contiguous_format)) if residual else None
-    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=pad)
+    shift = torch.randn(cout, generator=gen) if shifted else None
+    bias = conv._shifted_bias(shift) if shifted else conv.bias
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double() + (shift.double() if shifted else 0),
+                    padding=pad)
     if residual:
         want = want + add.double()
     names = conv.candidates(x)
@@ -316,10 +322,14 @@ def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, ge
     if layout == "channels_last" and k == 3 and winograd.available(dtype) and (dtype == torch.float32 or cin % 32 == 0):
         assert "winograd" in names
     for how in names:
-        got = conv._run(x, add, how)
+        got = conv._run(x, add, bias, how)
         assert got.dtype == dtype and got.shape == out_shape
         assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") or got.shape[2:] == (1, 1)
         torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype], msg=f"{how}")
+    got = conv(x, add=add, shift=shift)  # the module's call: its chosen way (the fixed order in the tests)
+    torch.testing.assert_close(got.double(), want, **TOLERANCE[dtype])
+    with pytest.raises(ValueError, match=r"shift: expected shape"):
+        conv(x, shift=torch.zeros(cout + 1))
 
 
 def test_packed_weights_follow_weight_changes(gen):
@@ -327,11 +337,11 @@ def test_packed_weights_follow_weight_changes(gen):
     x = torch.randn(1, 8, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
     if "packed" not in conv.candidates(x):
         pytest.skip("this torch has no oneDNN prepacked convolution")
-    first = conv._run(x, None, "packed")
+    first = conv._run(x, None, conv.bias, "packed")
     with torch.no_grad():
         conv.weight.mul_(2)  # in place: the packed copy must be renewed
-    torch.testing.assert_close(conv._run(x, None, "packed"), F.conv2d(x, conv.weight, conv.bias, padding=1))
-    assert not torch.allclose(first, conv._run(x, None, "packed"))
+    torch.testing.assert_close(conv._run(x, None, conv.bias, "packed"), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert not torch.allclose(first, conv._run(x, None, conv.bias, "packed"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -247,11 +247,11 @@ def test_the_filters_follow_the_weights(gen):
     conv = Conv2d(8, 8, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
     x = torch.randn(1, 8, 6, 6, generator=gen).contiguous(memory_format=torch.channels_last)
     assert "winograd" in conv.candidates(x)
-    first = conv._run(x, None, "winograd")
+    first = conv._run(x, None, conv.bias, "winograd")
     with torch.no_grad():
         conv.weight.mul_(2)  # in place: the transformed filters must be renewed
-    torch.testing.assert_close(conv._run(x, None, "winograd"), F.conv2d(x, conv.weight, conv.bias, padding=1))
-    assert not torch.allclose(first, conv._run(x, None, "winograd"))
+    torch.testing.assert_close(conv._run(x, None, conv.bias, "winograd"), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert not torch.allclose(first, conv._run(x, None, conv.bias, "winograd"))
 
 
 @compiled

@@ -61,19 +61,23 @@ class Conv2d(nn.Conv2d):
             names.append("winograd")
         return tuple(names)
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x), plus `add` (the residual: same shape as the output) when given, fused where the kernel can."""
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x), plus `add` (the residual: same shape as the output) when given, fused where the kernel can; `shift`
+        (out_channels values, any float dtype) is added to the bias, in fp32 and rounded once to the weights' dtype
+        (fp32 where the kernel takes an fp32 bias): a ResBlock's time embedding at batch 1."""
+        bias = self.bias if shift is None else self._shifted_bias(shift)
         if (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
                 or torch.compiler.is_compiling() or x.dtype != self.weight.dtype or backends.forced() == "reference":
-            out = super().forward(x)
+            out = self._conv_forward(x, self.weight, None if bias is None else bias.to(self.weight.dtype))
             return out if add is None else add + out
         candidates = self.candidates(x)
         if add is not None and add.stride() != _output_strides(x, add):
             candidates = tuple(c for c in candidates if c not in ("packed", "winograd"))  # they fuse the add in place
         key = (x.dtype, x.is_contiguous(), tuple(x.shape), tuple(self.weight.shape), self.stride, self.padding,
                self.groups, add is not None, torch.get_num_threads())
-        name, out = tuning.choose("conv2d", x.device, key, candidates, "conv", functools.partial(self._run, x, add),
-                                  elements=x.numel() + self.weight.numel())
+        name, out = tuning.choose("conv2d", x.device, key, candidates, "conv",
+                                  functools.partial(self._run, x, add, bias), elements=x.numel() + self.weight.numel())
         # Only the modules that run packed or Winograd keep those second copies of their weights (kept where this
         # class of call could not run them: the layout measurement alternates NCHW and channels_last calls).
         if name != "packed" and "packed" in candidates:
@@ -82,24 +86,30 @@ class Conv2d(nn.Conv2d):
             self._winograd = None
         return out
 
-    def _run(self, x: torch.Tensor, add: torch.Tensor | None, how: str) -> torch.Tensor:
+    def _shifted_bias(self, shift: torch.Tensor) -> torch.Tensor:
+        if shift.shape != (self.out_channels,):
+            raise ValueError(f"shift: expected shape ({self.out_channels},), got {tuple(shift.shape)}")
+        return shift.float() if self.bias is None else self.bias.float() + shift.float()
+
+    def _run(self, x: torch.Tensor, add: torch.Tensor | None, bias: torch.Tensor | None, how: str) -> torch.Tensor:
+        if how == "winograd":  # takes an fp32 bias in every dtype
+            return winograd.conv3x3(x, self._winograd_filters(), bias, add)
+        bias = None if bias is None else bias.to(self.weight.dtype)
         if how == "packed":
-            return self._packed_conv(x, add)
-        if how == "winograd":
-            return winograd.conv3x3(x, self._winograd_filters(), self.bias, add)
-        out = self._matmul(x) if how == "matmul" else super().forward(x)
+            return self._packed_conv(x, add, bias)
+        out = self._matmul(x, bias) if how == "matmul" else self._conv_forward(x, self.weight, bias)
         return out if add is None else out.add_(add)  # in place on the fresh output: add + out, no new buffer
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         weight = self.weight.view(self.out_channels, channels)
         if _channels_last(x):
             rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: (B*H*W, C)
-            out = F.linear(rows, weight, self.bias)
+            out = F.linear(rows, weight, bias)
             return out.view(batch, height, width, -1).permute(0, 3, 1, 2)  # channels_last, as the conv returns
         out = torch.matmul(weight, x.reshape(batch, channels, -1))
-        if self.bias is not None:
-            out += self.bias.view(-1, 1)
+        if bias is not None:
+            out += bias.view(-1, 1)
         return out.view(batch, -1, height, width)
 
     def relaid(self) -> None:
@@ -120,14 +130,14 @@ class Conv2d(nn.Conv2d):
             self._winograd = (identity, winograd.prepared(self.weight))
         return self._winograd[1]
 
-    def _packed_conv(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    def _packed_conv(self, x: torch.Tensor, add: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         shape = tuple(x.shape)
         identity = self._identity()
         if self._packed is None or self._packed[:2] != (shape, identity):
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape))
             self._packed = (shape, identity, packed)
-        args = (self._packed[2], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        args = (self._packed[2], bias, list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if add is None:
             return torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
         return torch.ops.mkldnn._convolution_pointwise.binary(x, add, *args, "add", None, None, [], None)

@@ -122,16 +122,21 @@ class ResBlock(nn.Module):
         h = self._norm_act(self.in_layers[0], x)
         if self.up or self.down:
             h, x = _resample(h, self.up, self.down), _resample(x, self.up, self.down)
-        h = self.in_layers[2](h)
-        e = self.emb_layers[1](emb_act).to(h.dtype)
+        e = self.emb_layers[1](emb_act)
         norm, dropout, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
+            h = self.in_layers[2](h)
+            scale, shift = e.to(h.dtype).chunk(2, dim=1)
             h = self._norm_act(norm, h, scale, shift)
+        elif h.shape[0] == 1 and not torch.is_grad_enabled():
+            # batch 1: the embedding is a per-channel constant, added with the convolution's bias (in fp32, rounded
+            # once: the reference rounds the conv output, then the sum) instead of by a pass over the output
+            h = self._norm_act(norm, self.in_layers[2](h, shift=e[0]))
         else:
+            h = self.in_layers[2](h)
+            e = e.to(h.dtype)[:, :, None, None]
             # in place on the fresh conv output when nothing records it for a backward: the same sum, no new buffer
-            # (a new 1x256x256x256 bf16 tensor costs 15 ms of page faults on 2 CPU threads; the add itself 2 ms)
-            h = self._norm_act(norm, h + e[:, :, None, None] if torch.is_grad_enabled() else h.add_(e[:, :, None, None]))
+            h = self._norm_act(norm, h + e if torch.is_grad_enabled() else h.add_(e))
         return conv(dropout(h), add=self.skip_connection(x))  # skip(x) + conv(h), the add fused where it can be
 
 
