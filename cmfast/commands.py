@@ -402,7 +402,7 @@ def run_tune(args: argparse.Namespace) -> int:
                     best = fixed  # within the noise: the fixed order's layout
                 x = torch.empty(batch, c.in_channels, c.image_size, c.image_size, device=device)
                 tuning.remember("layout", device, unet.layout_key(x, None if c.num_classes is None else x), best,
-                                {k: round(v, 3) for k, v in by.items()}, "cmfast tune", fixed)
+                                {k: round(v, 3) for k, v in by.items()}, "cmfast tune", fixed, tuple(layouts))
                 print(f"{precision} batch {batch}: {best} is faster ({by['nchw']:.1f} vs {by['channels_last']:.1f} ms); "
                       "recorded: models loaded without a layout run in it")
     changed = {}

@@ -209,7 +209,8 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
         return memo, run(memo)
     record = recorded(full, device)
     fresh = _session["fresh"]
-    if record is not None and record["choice"] in candidates and (fresh is None or full in fresh):
+    if (record is not None and record.get("candidates") == list(candidates) and record["choice"] in candidates
+            and (fresh is None or full in fresh)):  # measured among these very candidates (a new one: again)
         _memory[(device,) + full] = record["choice"]
         return record["choice"], run(record["choice"])
     if not tune or elements < TINY_ELEMENTS or _busy(device):
@@ -217,7 +218,7 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
     name, result, times = measure(device, candidates, run, default, prepare)
     if fresh is not None:
         fresh.add(full)
-    remember(op, device, key, name, times, _session["source"], default)
+    remember(op, device, key, name, times, _session["source"], default, candidates)
     return name, result
 
 
@@ -263,10 +264,11 @@ def measure(device: torch.device, candidates, run, default: str, prepare=None):
     return choice, result, times
 
 
-def remember(op: str, device: torch.device, key: tuple, name: str, times: dict, source: str, default: str) -> None:
+def remember(op: str, device: torch.device, key: tuple, name: str, times: dict, source: str, default: str,
+             candidates: tuple[str, ...]) -> None:
     label = device_name(device)
     full = (op,) + key
-    record = {"choice": name, "default": default, "times_ms": times, "source": source,
+    record = {"choice": name, "candidates": list(candidates), "default": default, "times_ms": times, "source": source,
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     _memory[(device,) + full] = name
     _file_entries(label)[repr(full)] = record

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import cmfast
 from cmfast import backends, tuning
 from cmfast.models import PRESETS, winograd
-from cmfast.models.conv import Conv2d, packed_available
+from cmfast.models.conv import MAX_TAPS_OUT, Conv2d, packed_available
 from cmfast.ops import IMPLEMENTED
 
 
@@ -135,6 +135,18 @@ def test_record_file_is_written_atomically_and_reread(tune):
     run2, calls = sleepy({"a": 0.0, "b": 0.0})
     assert tuning.choose("toy", DEVICE, (6,), ("a", "b"), "a", run2, elements=10**6)[0] == "b"
     assert calls == ["b"] and tune()["timed"] == 1 and tune()["loaded"] == 1
+
+
+def test_a_new_candidate_is_measured_again(tune):
+    """A choice recorded among other candidates (a later cmfast added one) is not reused: the class is timed anew."""
+    run, _ = sleepy({"a": 0.003, "b": 0.0})
+    tuning.choose("toy", DEVICE, (16,), ("a", "b"), "a", run, elements=10**6)
+    tuning.forget()  # as a later process: the record comes from the file
+    run2, calls = sleepy({"a": 0.003, "b": 0.002, "c": 0.0})
+    assert tuning.choose("toy", DEVICE, (16,), ("a", "b", "c"), "a", run2, elements=10**6)[0] == "c"
+    assert set(calls) == {"a", "b", "c"} and tune()["timed"] == 2
+    entry = tuning.recorded(("toy", 16), DEVICE)
+    assert entry["choice"] == "c" and entry["candidates"] == ["a", "b", "c"]
 
 
 def test_a_process_under_an_isa_cap_keeps_its_own_records(tune, monkeypatch):
@@ -284,6 +296,7 @@ CONV_CASES = [  # (in, out, kernel, padding, input shape)
     (16, 24, 3, 1, (2, 16, 9, 8)),  # a ResBlock conv
     (3, 16, 3, 1, (1, 3, 16, 16)),  # the input conv
     (64, 32, 3, 1, (1, 64, 7, 6)),  # a ResBlock conv whose channels the bf16 Winograd kernel takes (32s)
+    (32, 3, 3, 1, (2, 32, 9, 7)),  # the output head ("taps")
 ]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -319,8 +332,11 @@ def test_conv_alternatives_match_the_reference(case, dtype, layout, residual, sh
     assert "matmul" in names if k == 1 else "matmul" not in names
     if layout == "channels_last" and packed_available():
         assert "packed" in names
-    if layout == "channels_last" and k == 3 and winograd.available(dtype) and (dtype == torch.float32 or cin % 32 == 0):
+    if layout == "channels_last" and k == 3 and winograd.available(dtype) and (
+            dtype == torch.float32 or cin % 32 == cout % 32 == 0):
         assert "winograd" in names
+    assert ("taps" in names) == (layout == "channels_last" and k == 3 and cout <= MAX_TAPS_OUT
+                                 and dtype == torch.float32)
     for how in names:
         got = conv._run(x, add, bias, how)
         assert got.dtype == dtype and got.shape == out_shape

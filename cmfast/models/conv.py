@@ -10,7 +10,11 @@
   multiplication on the same weights, as diffusers runs its attention projections;
 - "winograd" (CPU, channels_last, 3x3 stride 1 padding 1: the ResBlocks' and Upsample's convolutions; fp32, or bf16
   where the CPU has AVX512_BF16 and the channels come in 32s): Winograd's F(2x2, 3x3) algorithm
-  (cmfast/models/winograd.py), 2.25x fewer multiplications.
+  (cmfast/models/winograd.py), 2.25x fewer multiplications;
+- "taps" (CPU, fp32, channels_last, 3x3 stride 1 padding 1, at most MAX_TAPS_OUT output channels: the output head,
+  256 -> 3): one matrix product for the nine taps at once, (pixels, C) x (C, 9 O), then each tap's O columns added
+  to the output shifted by its offset. oneDNN's direct kernels are made for many output channels (1x256x256x256 ->
+  3 on 2 Sapphire Rapids threads: 10.9 ms; this way 3.9).
 
 The first three compute the same sums (fp32 accumulation; only the order of additions differs); Winograd's
 transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to 2x the
@@ -28,6 +32,8 @@ from torch import nn
 
 from .. import backends, tuning
 from . import winograd
+
+MAX_TAPS_OUT = 8  # "taps": its product's output is 9x the convolution's, fine for a few channels only
 
 
 @functools.cache
@@ -59,6 +65,9 @@ class Conv2d(nn.Conv2d):
             names.append("packed")
         if _channels_last(x) and winograd.takes(self, x):
             names.append("winograd")
+        if (_channels_last(x) and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.out_channels <= MAX_TAPS_OUT and winograd.applies(self)):
+            names.append("taps")
         return tuple(names)
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None,
@@ -97,8 +106,30 @@ class Conv2d(nn.Conv2d):
         bias = None if bias is None else bias.to(self.weight.dtype)
         if how == "packed":
             return self._packed_conv(x, add, bias)
+        if how == "taps":
+            return self._taps(x, add, bias)
         out = self._matmul(x, bias) if how == "matmul" else self._conv_forward(x, self.weight, bias)
         return out if add is None else out.add_(add)  # in place on the fresh output: add + out, no new buffer
+
+    def _taps(self, x: torch.Tensor, add: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        o = self.out_channels
+        taps = self.weight.permute(1, 2, 3, 0).reshape(channels, 9 * o)  # columns (dy, dx, out)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view: (B*H*W, C)
+        p = torch.mm(rows, taps).view(batch, height, width, 3, 3, o)
+        out = p[:, :, :, 1, 1].clone(memory_format=torch.contiguous_format)  # the centre tap covers every pixel
+        for dy in range(3):
+            for dx in range(3):
+                if (dy, dx) == (1, 1):
+                    continue
+                y0, y1 = max(0, 1 - dy), height - max(0, dy - 1)  # output rows whose input row y + dy - 1 exists
+                x0, x1 = max(0, 1 - dx), width - max(0, dx - 1)
+                out[:, y0:y1, x0:x1] += p[:, y0 + dy - 1:y1 + dy - 1, x0 + dx - 1:x1 + dx - 1, dy, dx]
+        if bias is not None:
+            out += bias
+        if add is not None:
+            out += add.permute(0, 2, 3, 1)
+        return out.permute(0, 3, 1, 2)  # channels_last, as the convolution returns
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = x.shape
