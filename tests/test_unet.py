@@ -205,7 +205,7 @@ def test_gpu_backends_match_diffusers(name, mix, precision, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_upsample_is_torchs_nearest(layout, dtype, gen):
-    from cmfast.models.unet import upsample_nearest2x
+    from cmfast.models.upsample import upsample_nearest2x
 
     x = torch.randn(2, 5, 3, 4, generator=gen).to(dtype)
     if layout == "channels_last":

@@ -54,6 +54,7 @@ class Conv2d(nn.Conv2d):
 
     _packed: tuple | None = None  # (input shape, weight identity, packed weight) for "packed"
     _winograd: tuple | None = None  # (weight identity, transformed filters) for "winograd"
+    _phases: tuple | None = None  # (weight identity, 2x2 phase kernels) for upsample.conv_upsampled's "subpixel"
 
     def candidates(self, x: torch.Tensor) -> tuple[str, ...]:
         names = ["conv"]
@@ -151,6 +152,7 @@ class Conv2d(nn.Conv2d):
             self._winograd = (identity, self._winograd[1])
         if self._packed is not None:
             self._packed = (self._packed[0], identity, self._packed[2])
+        self._phases = None  # made again in the new layout, which oneDNN's convolution wants them in
 
     def _identity(self) -> tuple:
         return (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device)

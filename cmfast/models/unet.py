@@ -9,6 +9,7 @@ GroupNorm affine parameters and the output head stay fp32 (GroupNorm statistics 
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -19,6 +20,7 @@ from torch import nn
 from .. import backends, memory, ops, tuning
 from .config import UNetConfig
 from .conv import Conv2d
+from .upsample import conv_upsampled, upsample_nearest2x
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,30 +74,6 @@ class FusedGroupNorm(nn.GroupNorm):
                               scale=scale, shift=shift, silu=silu)
 
 
-def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    """F.interpolate(x, scale_factor=2, mode="nearest"), exactly, as one broadcast copy on the CPU. torch's CPU kernel
-    is slow on NCHW tensors (2.7 ms for 1x1152x16x16 on 2 threads; the copy: 0.9 ms) and on channels_last bfloat16
-    ones (2 Sapphire Rapids threads, 4x384x32x32: 3.5 ms)."""
-    if x.device.type != "cpu" or x.dim() != 4:
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-    b, c, h, w = x.shape
-    if x.is_contiguous():
-        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
-    if x.is_contiguous(memory_format=torch.channels_last):
-        rows = x.permute(0, 2, 3, 1)  # (b, h, w, c), contiguous
-        up = rows[:, :, None, :, None, :].expand(b, h, 2, w, 2, c).reshape(b, 2 * h, 2 * w, c)
-        return up.permute(0, 3, 1, 2)  # channels_last
-    return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
-def _resample(x: torch.Tensor, up: bool, down: bool) -> torch.Tensor:
-    if up:
-        return upsample_nearest2x(x)
-    if down:
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
-    return x
-
-
 class ResBlock(nn.Module):
     """Keys: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection (1x1 conv when widths differ)."""
 
@@ -120,20 +98,25 @@ class ResBlock(nn.Module):
     def forward(self, x, emb_act):
         """emb_act: the activation of the time(+label) embedding, shared by every block (emb_layers.0 is it)."""
         h = self._norm_act(self.in_layers[0], x)
-        if self.up or self.down:
-            h, x = _resample(h, self.up, self.down), _resample(x, self.up, self.down)
+        if self.up:  # in_layers[2] of the upsampled h, by its measured way (cmfast/models/upsample.py)
+            x = upsample_nearest2x(x)
+            first = functools.partial(conv_upsampled, self.in_layers[2], h)
+        else:
+            if self.down:
+                h, x = F.avg_pool2d(h, kernel_size=2, stride=2), F.avg_pool2d(x, kernel_size=2, stride=2)
+            first = functools.partial(self.in_layers[2], h)
         e = self.emb_layers[1](emb_act)
         norm, dropout, conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         if self.scale_shift:
-            h = self.in_layers[2](h)
+            h = first()
             scale, shift = e.to(h.dtype).chunk(2, dim=1)
             h = self._norm_act(norm, h, scale, shift)
         elif h.shape[0] == 1 and not torch.is_grad_enabled():
             # batch 1: the embedding is a per-channel constant, added with the convolution's bias (in fp32, rounded
             # once: the reference rounds the conv output, then the sum) instead of by a pass over the output
-            h = self._norm_act(norm, self.in_layers[2](h, shift=e[0]))
+            h = self._norm_act(norm, first(shift=e[0]))
         else:
-            h = self.in_layers[2](h)
+            h = first()
             e = e.to(h.dtype)[:, :, None, None]
             # in place on the fresh conv output when nothing records it for a backward: the same sum, no new buffer
             h = self._norm_act(norm, h + e if torch.is_grad_enabled() else h.add_(e))
@@ -159,7 +142,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, emb_act=None):
-        return self.conv(upsample_nearest2x(x))
+        return conv_upsampled(self.conv, x)
 
 
 class AttentionBlock(nn.Module):
