@@ -16,10 +16,11 @@
   to the output shifted by its offset. oneDNN's direct kernels are made for many output channels (1x256x256x256 ->
   3 on 2 Sapphire Rapids threads: 10.9 ms; this way 3.9).
 
-The first three compute the same sums (fp32 accumulation; only the order of additions differs); Winograd's
-transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to 2x the
-direct convolution's error, invisible at a U-Net's output (figures in cmfast/models/winograd.py). Under autograd,
-torch.compile or export, and with the reference backend forced for every op, the module is a plain nn.Conv2d.
+The first three and "taps" compute the same sums (fp32 accumulation; only the order of additions differs);
+Winograd's transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to
+2x the direct convolution's error, invisible at a U-Net's output (figures in cmfast/models/winograd.py). Under
+autograd, torch.compile or export, and with the reference backend forced for every op, the module is a plain
+nn.Conv2d.
 """
 
 from __future__ import annotations
