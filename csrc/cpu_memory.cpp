@@ -12,6 +12,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdint>
@@ -55,16 +56,24 @@ struct Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool;  // never destroyed: tensors may outlive every scope and free into it at exit
+  static Pool* p = [] {
+    Pool* fresh = new Pool;  // never destroyed: tensors may outlive every scope and free into it at exit
+    // fork() while another thread holds the lock would leave it held for ever in the child (a DataLoader's workers):
+    // the lock is taken around the fork, and released on both sides.
+    pthread_atfork([] { pool().mutex.lock(); }, [] { pool().mutex.unlock(); }, [] { pool().mutex.unlock(); });
+    return fresh;
+  }();
   return *p;
 }
 
 void release(void* data) {
   Pool& p = pool();
+  bool large = false;
   {
     std::lock_guard<std::mutex> lock(p.mutex);
     auto it = p.live.find(data);
     if (it != p.live.end()) {
+      large = true;
       const size_t bytes = it->second;
       p.live.erase(it);
       if (p.kept_bytes + bytes <= p.cap_bytes) {
@@ -72,12 +81,13 @@ void release(void* data) {
         p.kept_bytes += bytes;
         return;
       }
-    } else {
-      c10::free_cpu(data);  // a small block, from c10::alloc_cpu
-      return;
     }
   }
-  std::free(data);  // a large block over the cap
+  if (large) {
+    std::free(data);  // over the cap
+  } else {
+    c10::free_cpu(data);  // a small block, from c10::alloc_cpu
+  }
 }
 
 class ReusingAllocator final : public c10::Allocator {

@@ -173,3 +173,27 @@ def test_info_says_what_is_kept(monkeypatch):
     assert "not reused" in info._memory_reuse()
     monkeypatch.setenv(memory.KEEP_ENV, "many")
     assert "refused" in info._memory_reuse() and memory.KEEP_ENV in info._memory_reuse()
+
+
+def test_a_forked_child_allocates_while_a_scope_is_open():
+    """fork() inside a scope (a DataLoader's workers): the child's large tensors are served, nothing hangs. The child
+    runs one thread, as DataLoader workers do (OpenMP's threads do not survive a fork)."""
+    import os
+
+    with memory.reusing():
+        keep = large()
+        pid = os.fork()
+        if pid == 0:  # the child: allocate, free, leave without running the parent's cleanup
+            try:
+                torch.set_num_threads(1)
+                t = large()
+                t[-1] = 3
+                del t
+                t = large(9)
+                t[0] = 1
+                os._exit(0 if int(t[0]) == 1 else 1)
+            except BaseException:  # noqa: BLE001
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        del keep
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
