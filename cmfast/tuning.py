@@ -14,7 +14,8 @@ A missing, corrupt or foreign file is ignored and rewritten. Nothing is timed
 
 - when CMFAST_TUNE=0 (the fixed order, recorded choices unused: deterministic, as CI wants),
 - for tiny calls (below TINY_ELEMENTS output elements: timing them would cost more than any choice saves),
-- inside torch.compile, export, or a CUDA graph capture: there a recorded choice serves, else the fixed order.
+- inside torch.compile, export, or a CUDA graph capture, and in the registered ops a compiled graph calls
+  (no_timing): there a recorded choice serves, else the fixed order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -159,9 +161,24 @@ def recorded(key: tuple, device: torch.device) -> dict | None:
     return _file_entries(label).get(repr(key))
 
 
+_quiet = threading.local()  # depth of no_timing() scopes on this thread
+
+
+@contextlib.contextmanager
+def no_timing():
+    """Inside, choices are the recorded ones or the fixed order, never measured: the registered ops that compiled
+    graphs call run their module's eager code under it (a compiled forward times nothing)."""
+    depth = getattr(_quiet, "depth", 0)
+    _quiet.depth = depth + 1
+    try:
+        yield
+    finally:
+        _quiet.depth = depth
+
+
 def _busy(device: torch.device) -> bool:
-    """Whether timing must not happen now: tracing (torch.compile, export) or a CUDA graph capture."""
-    if torch.compiler.is_compiling():
+    """Whether timing must not happen now: tracing (torch.compile, export), a CUDA graph capture, no_timing()."""
+    if torch.compiler.is_compiling() or getattr(_quiet, "depth", 0):
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -204,22 +221,40 @@ def choose(op: str, device: torch.device, key: tuple, candidates: tuple[str, ...
     if len(candidates) < 2 or not enabled():
         return default, run(default)
     full = (op,) + key
-    memo = _memory.get((device,) + full)
-    if memo is not None:
-        return memo, run(memo)
-    record = recorded(full, device)
-    fresh = _session["fresh"]
-    if (record is not None and record.get("candidates") == list(candidates) and record["choice"] in candidates
-            and (fresh is None or full in fresh)):  # measured among these very candidates (a new one: again)
-        _memory[(device,) + full] = record["choice"]
-        return record["choice"], run(record["choice"])
+    known = _known(full, device, candidates)
+    if known is not None:
+        return known, run(known)
     if not tune or elements < TINY_ELEMENTS or _busy(device):
         return default, run(default)
     name, result, times = measure(device, candidates, run, default, prepare)
-    if fresh is not None:
-        fresh.add(full)
+    if _session["fresh"] is not None:
+        _session["fresh"].add(full)
     remember(op, device, key, name, times, _session["source"], default, candidates)
     return name, result
+
+
+def _known(full: tuple, device: torch.device, candidates: tuple[str, ...]) -> str | None:
+    """The choice made for (op,) + key before, in this process or recorded, among these very candidates (a record
+    made before a new candidate existed does not count), or None."""
+    memo = _memory.get((device,) + full)
+    if memo is not None:
+        return memo
+    record = recorded(full, device)
+    fresh = _session["fresh"]
+    if (record is not None and record.get("candidates") == list(candidates) and record["choice"] in candidates
+            and (fresh is None or full in fresh)):
+        _memory[(device,) + full] = record["choice"]
+        return record["choice"]
+    return None
+
+
+def recorded_with_prefix(op: str, device: torch.device, prefix: tuple) -> list[str]:
+    """The choices recorded for `op` on `device` whose key begins with `prefix` (its last entries any value): the
+    choices a torch.compile graph can use, whose shapes may not be known while it is traced."""
+    if not enabled():
+        return []
+    head = repr((op,) + tuple(prefix))[:-1] + ", "  # the key's repr up to the free entries
+    return [r["choice"] for k, r in _file_entries(device_name(device)).items() if k.startswith(head)]
 
 
 def measure(device: torch.device, candidates, run, default: str, prepare=None):

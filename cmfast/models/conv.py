@@ -16,16 +16,24 @@
   to the output shifted by its offset. oneDNN's direct kernels are made for many output channels (1x256x256x256 ->
   3 on 2 Sapphire Rapids threads: 10.9 ms; this way 3.9).
 
+Under torch.compile (CPU inference) each convolution is one registered op, cmfast::conv2d, which runs the module's
+own code with the choice recorded for its class of call (else the fixed order), nothing timed: a compiled U-Net
+keeps the measured ways (Inductor would otherwise run every convolution the reference's way, giving back cmfast's
+lead). The op names its module by a number (handle): a module's state (derived weights, records) stays out of the
+graph, and the graph reads the weights when it runs, as the eager module does.
+
 The first three and "taps" compute the same sums (fp32 accumulation; only the order of additions differs);
 Winograd's transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to
 2x the direct convolution's error, invisible at a U-Net's output (figures in cmfast/models/winograd.py). Under
-autograd, torch.compile or export, and with the reference backend forced for every op, the module is a plain
+autograd, torch.compile on a GPU, export, and with the reference backend forced for every op, the module is a plain
 nn.Conv2d.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +56,47 @@ def packed_available() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+_modules: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def handle(module: nn.Module) -> int:
+    """The number naming `module` for the registered ops (torch.compile calls this while tracing and keeps the
+    number in the graph; a copy of the module gets a number of its own)."""
+    number = module.__dict__.get("_handle")
+    if number is None or _modules.get(number) is not module:
+        number = next(_numbers)
+        module.__dict__["_handle"] = number
+        _modules[number] = module
+    return number
+
+
+def module_of(number: int) -> nn.Module:
+    module = _modules.get(number)
+    if module is None:
+        raise RuntimeError(f"cmfast: the module a compiled graph names ({number}) no longer exists")
+    return module
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the convolutions return for input x (and a registered op's output must have)."""
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
+@torch.library.custom_op("cmfast::conv2d", mutates_args=())
+def _conv_op(x: torch.Tensor, add: torch.Tensor | None, shift: torch.Tensor | None, module: int) -> torch.Tensor:
+    with tuning.no_timing():
+        out = module_of(module)(x, add=add, shift=shift)
+    return out.contiguous(memory_format=memory_format(x))
+
+
+@_conv_op.register_fake
+def _(x, add, shift, module):
+    return torch.empty(module_of(module).output_shape(x), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
 
 
 class Conv2d(nn.Conv2d):
@@ -77,9 +126,14 @@ class Conv2d(nn.Conv2d):
         """conv(x), plus `add` (the residual: same shape as the output) when given, fused where the kernel can; `shift`
         (out_channels values, any float dtype) is added to the bias, in fp32 and rounded once to the weights' dtype
         (fp32 where the kernel takes an fp32 bias): a ResBlock's time embedding at batch 1."""
+        plain = (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
+            or x.dtype != self.weight.dtype
+        if not plain and torch.compiler.is_compiling():
+            if x.device.type == "cpu" and isinstance(self.padding, tuple):  # not "same" / "valid": output_shape
+                return _conv_op(x, add, shift, handle(self))
+            plain = True  # a GPU: Inductor's convolutions (and its layout choice)
         bias = self.bias if shift is None else self._shifted_bias(shift)
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
-                or torch.compiler.is_compiling() or x.dtype != self.weight.dtype or backends.forced() == "reference":
+        if plain or backends.forced() == "reference":
             out = self._conv_forward(x, self.weight, None if bias is None else bias.to(self.weight.dtype))
             return out if add is None else add + out
         candidates = self.candidates(x)
@@ -96,6 +150,11 @@ class Conv2d(nn.Conv2d):
         if name != "winograd" and "winograd" in candidates:
             self._winograd = None
         return out
+
+    def output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        sizes = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                 zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        return (x.shape[0], self.out_channels, *sizes)
 
     def _shifted_bias(self, shift: torch.Tensor) -> torch.Tensor:
         if shift.shape != (self.out_channels,):

@@ -179,6 +179,19 @@ def _may_sync(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+@torch.compiler.assume_constant_result
+def _compiled_layout(unet, dtype: torch.dtype, unlabelled: bool, device: torch.device) -> bool:
+    """Whether a compiled CPU forward of `unet` (set_channels_last(None)) runs channels_last: the layout recorded for
+    this model, precision and dtype where its records (at any input shape: a graph may serve several, and its shapes
+    need not be known while it is traced) agree, else the fixed one. Called while tracing; the answer is a constant
+    of the graph."""
+    if backends.forced() == "reference":
+        return False
+    names = set(tuning.recorded_with_prefix("layout", device, unet.layout_model_key(dtype, unlabelled)))
+    name = names.pop() if len(names) == 1 else unet.fixed_layout()
+    return name == "channels_last"
+
+
 class UNet(PrecisionMoves, nn.Module):
     """The reference's UNetModel: forward(x, timesteps, y=None) -> the raw network output (batch, out, H, W)."""
 
@@ -270,7 +283,8 @@ class UNet(PrecisionMoves, nn.Module):
         timed at the first inference call of a shape, then recorded). Where nothing is measured (CMFAST_TUNE=0, tiny
         calls) or the two are within the measurement's noise: channels_last in fp16/bf16 (the layout oneDNN's and
         cuDNN's half-precision convolutions prefer; 1.5x NCHW's speed on an AMX Xeon, about 5% on a Zen 4 at batch
-        4), NCHW in fp32; NCHW in training and under torch.compile. With None the output is NCHW whatever runs
+        4), NCHW in fp32; NCHW in training and under torch.compile on a GPU (on the CPU a compiled forward takes the
+        recorded layout, else the fixed one, without moving the weights). With None the output is NCHW whatever runs
         inside."""
         if enabled is not None:
             self._weights_layout(enabled)
@@ -286,9 +300,12 @@ class UNet(PrecisionMoves, nn.Module):
             self._weights_cl = channels_last
 
     def layout_key(self, x: torch.Tensor, y) -> tuple:
-        """The class of call a layout is measured for: this architecture, precision, input dtype and shape, threads."""
-        return (zlib.crc32(repr(self.config).encode()), self.precision, x.dtype, tuple(x.shape), y is None,
-                torch.get_num_threads())
+        """The class of call a layout is measured for: this architecture, precision, input dtype, labels or none,
+        threads, and the input's shape (last: a compiled graph looks for the records at any shape)."""
+        return self.layout_model_key(x.dtype, y is None) + (tuple(x.shape),)
+
+    def layout_model_key(self, dtype: torch.dtype, unlabelled: bool) -> tuple:
+        return (zlib.crc32(repr(self.config).encode()), self.precision, dtype, unlabelled, torch.get_num_threads())
 
     def fixed_layout(self) -> str:
         """The layout set_channels_last(None) takes where nothing is measured, or on a tie (see there)."""
@@ -297,7 +314,12 @@ class UNet(PrecisionMoves, nn.Module):
     def _measured_layout(self, x, timesteps, y) -> torch.Tensor:
         """The forward in the layout measured faster for this class of call (set_channels_last(None))."""
         if (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())) or x.is_meta \
-                or torch.compiler.is_compiling() or x.dim() != 4 or backends.forced() == "reference":
+                or x.dim() != 4:
+            return self._forward(x, timesteps, y, channels_last=False)
+        if torch.compiler.is_compiling():  # the layout recorded (else the fixed one); the weights left as they are
+            channels_last = x.device.type == "cpu" and _compiled_layout(self, x.dtype, y is None, x.device)
+            return self._forward(x, timesteps, y, channels_last=channels_last).contiguous()
+        if backends.forced() == "reference":
             return self._forward(x, timesteps, y, channels_last=False)
 
         def prepare(name):  # outside the timing: a converted model stays converted

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, tuning
+from .conv import handle, memory_format, module_of
 from .winograd import applies
 
 # Kernel rows (or columns) of the 3x3 convolution that act on each of the 2x2 kernel's rows, per output phase.
@@ -75,11 +76,30 @@ def _subpixel(conv, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+@torch.library.custom_op("cmfast::upsample_conv", mutates_args=())
+def _upsample_conv_op(x: torch.Tensor, shift: torch.Tensor | None, module: int) -> torch.Tensor:
+    """conv_upsampled in a compiled graph (CPU): the recorded way, nothing timed (cmfast/models/conv.py)."""
+    with tuning.no_timing():
+        out = conv_upsampled(module_of(module), x, shift)
+    return out.contiguous(memory_format=memory_format(x))
+
+
+@_upsample_conv_op.register_fake
+def _(x, shift, module):
+    batch, _, height, width = x.shape
+    return torch.empty((batch, module_of(module).out_channels, 2 * height, 2 * width), dtype=x.dtype,
+                       device=x.device, memory_format=memory_format(x))
+
+
 def conv_upsampled(conv, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
     """conv(upsample_nearest2x(x), shift=shift) for a 3x3 stride-1 padding-1 Conv2d, by the measured way."""
-    plain = (torch.is_grad_enabled() and conv.weight.requires_grad) or torch.compiler.is_compiling() or x.is_meta \
-        or x.dim() != 4 or not applies(conv) or x.dtype != conv.weight.dtype or backends.forced() == "reference"
-    if plain:
+    plain = (torch.is_grad_enabled() and conv.weight.requires_grad) or x.is_meta or x.dim() != 4 \
+        or not applies(conv) or x.dtype != conv.weight.dtype
+    if not plain and torch.compiler.is_compiling():
+        if x.device.type == "cpu":
+            return _upsample_conv_op(x, shift, handle(conv))
+        plain = True
+    if plain or backends.forced() == "reference":
         return conv(upsample_nearest2x(x), shift=shift)
     bias = conv.bias if shift is None else conv._shifted_bias(shift)
 
