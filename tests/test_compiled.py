@@ -136,3 +136,21 @@ def test_a_copy_has_its_own_handle_and_a_dead_module_is_a_clear_error():
     gc.collect()
     with pytest.raises(RuntimeError, match="no longer exists"):
         conv_module.module_of(b)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_export_holds_no_module_handles(tune, gen, strict):
+    """An exported program outlives the process: plain convolutions in NCHW, as the reference runs them."""
+    unet = random_unet("test_lsun", "fp32", gen)
+    x, t = torch.randn(1, 3, 32, 32, generator=gen), torch.tensor([3.0])
+    with torch.no_grad():
+        unet(x, t)  # records choices (the rigged measurement: channels_last and the non-default ways)
+        program = torch.export.export(unet, (x, t), strict=strict)
+        want = unet._forward(x, t, None, channels_last=False)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.conv2d.default" in targets and not any(target.startswith("cmfast.") and "conv" in target
+                                                        for target in targets)
+    assert not any(node.kwargs.get("memory_format") == torch.channels_last for node in program.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, t), want, rtol=1e-5, atol=1e-5)
+

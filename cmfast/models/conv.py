@@ -25,8 +25,8 @@ graph, and the graph reads the weights when it runs, as the eager module does.
 The first three and "taps" compute the same sums (fp32 accumulation; only the order of additions differs);
 Winograd's transforms round differently: in fp32 by no more than the direct sum's own rounding, in bf16 by up to
 2x the direct convolution's error, invisible at a U-Net's output (figures in cmfast/models/winograd.py). Under
-autograd, torch.compile on a GPU, export, and with the reference backend forced for every op, the module is a plain
-nn.Conv2d.
+autograd, torch.compile on a GPU, torch.export (a program that outlives the process: no module handles in it),
+and with the reference backend forced for every op, the module is a plain nn.Conv2d.
 """
 
 from __future__ import annotations
@@ -129,9 +129,9 @@ class Conv2d(nn.Conv2d):
         plain = (torch.is_grad_enabled() and self.weight.requires_grad) or type(x) is not torch.Tensor or x.is_meta \
             or x.dtype != self.weight.dtype
         if not plain and torch.compiler.is_compiling():
-            if x.device.type == "cpu" and isinstance(self.padding, tuple):  # not "same" / "valid": output_shape
-                return _conv_op(x, add, shift, handle(self))
-            plain = True  # a GPU: Inductor's convolutions (and its layout choice)
+            if x.device.type == "cpu" and isinstance(self.padding, tuple) and not torch.compiler.is_exporting():
+                return _conv_op(x, add, shift, handle(self))  # (padding not "same" / "valid": output_shape)
+            plain = True  # a GPU (Inductor's convolutions and layout choice), or an export (no module handles)
         bias = self.bias if shift is None else self._shifted_bias(shift)
         if plain or backends.forced() == "reference":
             out = self._conv_forward(x, self.weight, None if bias is None else bias.to(self.weight.dtype))

@@ -317,7 +317,8 @@ class UNet(PrecisionMoves, nn.Module):
                 or x.dim() != 4:
             return self._forward(x, timesteps, y, channels_last=False)
         if torch.compiler.is_compiling():  # the layout recorded (else the fixed one); the weights left as they are
-            channels_last = x.device.type == "cpu" and _compiled_layout(self, x.dtype, y is None, x.device)
+            channels_last = x.device.type == "cpu" and not torch.compiler.is_exporting() \
+                and _compiled_layout(self, x.dtype, y is None, x.device)
             return self._forward(x, timesteps, y, channels_last=channels_last).contiguous()
         if backends.forced() == "reference":
             return self._forward(x, timesteps, y, channels_last=False)

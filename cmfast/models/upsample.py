@@ -96,7 +96,7 @@ def conv_upsampled(conv, x: torch.Tensor, shift: torch.Tensor | None = None) -> 
     plain = (torch.is_grad_enabled() and conv.weight.requires_grad) or x.is_meta or x.dim() != 4 \
         or not applies(conv) or x.dtype != conv.weight.dtype
     if not plain and torch.compiler.is_compiling():
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_exporting():
             return _upsample_conv_op(x, shift, handle(conv))
         plain = True
     if plain or backends.forced() == "reference":
