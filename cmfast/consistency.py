@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import memory, ops
 from .cuda_graphs import GraphCache
 from .ops._common import per_sample
 from .ops.consistency import KINDS
@@ -21,6 +21,8 @@ class Denoiser:
     cuda_graph: on CUDA tensors with gradients off, capture each call signature (batch, shapes, dtypes) once in a
     CUDA graph and replay it (cmfast.cuda_graphs): one launch instead of hundreds, the same numbers. Elsewhere the
     calls run eagerly. The graphs keep the backends chosen at capture and read the weights in place.
+    CPU inference calls run in the U-Net's memory scope (cmfast.memory): a torch.compile'd U-Net, whose graph runs
+    outside the scope of the eager forward, reuses its large tensors' memory from call to call too.
     """
 
     def __init__(self, unet, kind: str = "consistency", sigma_min: float = 0.002, sigma_data: float = 0.5,
@@ -36,6 +38,9 @@ class Denoiser:
         if self.graphs is not None and x.is_cuda and not torch.is_grad_enabled():
             sigma = per_sample("sigma", sigma, x)  # a tensor input of the graph, not a captured constant
             return self.graphs(x, sigma, y, clamp=bool(clamp))
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            with memory.reusing():
+                return self._denoise(x, sigma, y, clamp)
         return self._denoise(x, sigma, y, clamp)
 
     def _denoise(self, x, sigma, y=None, clamp=False):

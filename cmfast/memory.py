@@ -6,7 +6,8 @@ makes about 110 tensors of 4 MiB or more; on 2 cores of a virtual machine a fres
 5 ms of faults before its first write, against 1.5 ms for the add that fills it, and the faults took a fifth of the
 forward.
 
-Inside `reusing()` (every CPU inference forward of cmfast.UNet runs in it) the compiled extension's allocator
+Inside `reusing()` (every CPU inference forward of cmfast.UNet runs in it, and every CPU inference call of
+cmfast.Denoiser, so that a torch.compile'd U-Net's graph runs in it too) the compiled extension's allocator
 stands in for torch's CPU allocator. A request of 4 MiB or more is served from the freed blocks of its size class
 (rounded up to 256 KiB; from 16 MiB, to 2 MiB), else by a new block aligned to 2 MiB with transparent huge pages
 asked for; smaller ones as torch serves them. A freed large block is kept, whenever its tensor dies, while all

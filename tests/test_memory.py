@@ -165,6 +165,36 @@ def test_the_unet_gives_the_same_bits_on_reused_memory(monkeypatch, precision, g
     assert torch.equal(reused, fresh)
 
 
+def test_the_denoiser_opens_a_scope_for_cpu_inference_only():
+    """Around any U-Net callable (a torch.compile'd one runs outside the eager forward's scope): CPU inference calls
+    only, not under autograd."""
+    seen = []
+
+    def unet(x, t, y=None):
+        seen.append(memory.stats()["active"])
+        return x * 1.0
+
+    denoise = cmfast.Denoiser(unet)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        denoise(x, 1.0)
+    denoise(x, 1.0)  # gradients on
+    assert seen == [1, 0] and memory.stats()["active"] == 0
+
+
+def test_a_compiled_unet_in_the_denoiser_reuses_memory(gen):
+    unet = cmfast.UNet(PRESETS["test_lsun"].unet).eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    denoise = cmfast.Denoiser(torch.compile(unet, fullgraph=True, backend="aot_eager"))
+    x = torch.randn(2, 3, 128, 128, generator=gen)  # activations of 4 MiB and more
+    with torch.no_grad():
+        denoise(x, 5.0)
+        before = memory.stats()["reused"]
+        denoise(x, 5.0)
+    assert memory.stats()["reused"] > before + 5
+
+
 def test_info_says_what_is_kept(monkeypatch):
     from cmfast import info
 
