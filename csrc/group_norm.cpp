@@ -20,7 +20,8 @@
 
 #include "../kernels/group_norm_math.h"
 #include "common.h"
-#include "group_norm_loops.h"
+#include "cpu_features.h"
+#include "group_norm_bf16.h"
 
 #ifdef CMFAST_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +56,9 @@ template <typename T>
 void group_norm_nchw(const T* x, T* out, const Problem& p) {
   const int64_t cg = p.channels / p.groups, n = cg * p.spatial;
   auto affine = p.silu ? affine_channels<T, true> : affine_channels<T, false>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_runs_avx512_bf16()) affine = p.silu ? affine_channels_bf16<true> : affine_channels_bf16<false>;
+  }
   at::parallel_for(0, p.batch * p.groups, std::max<int64_t>(1, kGroupGrain / n), [&](int64_t begin, int64_t end) {
     std::vector<float> block(std::is_same_v<T, float> ? 0 : kBlock);  // fp16/bf16 blocks widened to fp32
     std::vector<float> coef(2 * cg);                                    // the group's per-channel a, then d
@@ -101,6 +105,9 @@ void group_norm_nhwc(const T* x, T* out, const Problem& p) {
   std::vector<float> coef(3 * wave * C);           // per (sample of the wave, channel): its group's mean, a, d
   float *mean = coef.data(), *a = mean + wave * C, *d = a + wave * C;
   auto affine = p.silu ? affine_rows<T, true> : affine_rows<T, false>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_runs_avx512_bf16()) affine = p.silu ? affine_rows_bf16<true> : affine_rows_bf16<false>;
+  }
   for (int64_t b0 = 0; b0 < p.batch; b0 += wave) {
     const int64_t samples = std::min(wave, p.batch - b0), rows = samples * hw;
     const int64_t next_rows = std::min(wave, p.batch - b0 - samples) * hw;  // the next wave's

@@ -208,6 +208,30 @@ def test_silu_over_its_whole_range(device, backend):
     assert got[y == float("inf")].eq(float("inf")).all()
 
 
+@pytest.mark.skipif(not cmfast.backends.availability("cpu", torch.device("cpu"))[0], reason="no compiled CPU kernels")
+# channels_last at batch 1: with more samples the bf16 and fp32 kernels cut their waves differently (by bytes), and
+# the statistics' summation order with them
+@pytest.mark.parametrize("shape, groups, layout", [((1, 256, 48, 48), 32, "channels_last"), ((2, 256, 32, 32), 32, "nchw"),
+                                                   ((3, 96, 5, 7), 32, "nchw"),  # 35 values a channel: a tail of 3
+                                                   ((2, 40, 6, 6), 8, "channels_last")])  # 40 channels: a tail of 8
+@pytest.mark.parametrize("silu", [True, False])
+def test_cpu_bf16_output_is_the_fp32_kernels_rounded(shape, groups, layout, silu, gen):
+    """The CPU kernel's bf16 pass (AVX512_BF16's rounding where the CPU has it) computes what the fp32 kernel does
+    on the same values, then rounds to nearest even as torch does: equal values, tails and SiLU's clamp included
+    (weights up to ~100 put the normalised values past +-87)."""
+    x = (torch.randn(shape, generator=gen) * 2).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight, bias = 30 * torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    scale, shift = 0.5 * torch.randn(shape[0], c, generator=gen), torch.randn(shape[0], c, generator=gen)
+    with cmfast.use_backend({"group_norm": "cpu"}):
+        got = ops.group_norm(x, weight, bias, num_groups=groups, scale=scale, shift=shift, silu=silu)
+        want = ops.group_norm(x.float(), weight, bias, num_groups=groups, scale=scale, shift=shift, silu=silu)
+    assert float(want.abs().max()) > 87
+    torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device, backend", backend_params(G.IMPLEMENTED))
 def test_public_op_converts_parameters(device, backend, gen):
     """fp16 and non-contiguous weight/bias/scale/shift go to the kernels as contiguous fp32."""
