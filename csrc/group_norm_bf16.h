@@ -71,6 +71,23 @@ CMFAST_GN_BF16_INLINE uint16_t scalar_value(uint16_t x, float mean, float a, flo
   return c10::BFloat16(SILU ? y / one_plus_exp_neg(y) : y).x;
 }
 
+// The next wave's (or group's) `count` values at next + offset towards the cache, where there is a next.
+CMFAST_GN_BF16_INLINE void prefetch_values(const c10::BFloat16* next, int64_t offset, int64_t count) {
+  if (next == nullptr) return;
+  const char* line = reinterpret_cast<const char*>(next + offset);
+  for (int64_t b = 0; b < count * 2; b += 64) __builtin_prefetch(line + b);
+}
+
+// out[i] = epilogue((x[i] - mean_i) * a_i + d_i) for 32 values: (m0, a0, d0) the parameters of values 0-15,
+// (m1, a1, d1) those of values 16-31.
+template <bool SILU>
+CMFAST_GN_BF16_INLINE void affine32(const uint16_t* x, uint16_t* out, __m512 m0, __m512 m1, __m512 a0, __m512 a1,
+                                    __m512 d0, __m512 d1) {
+  const __m512 low = _mm512_fmadd_ps(_mm512_sub_ps(widen16(x), m0), a0, d0);
+  const __m512 high = _mm512_fmadd_ps(_mm512_sub_ps(widen16(x + 16), m1), a1, d1);
+  store32(out, epilogue16<SILU>(low), epilogue16<SILU>(high));
+}
+
 // affine_rows for bf16: rows of C channels (channels_last), channel c's mean[c], a[c], d[c].
 template <bool SILU>
 CMFAST_GN_BF16 void affine_rows_bf16(const c10::BFloat16* x_, c10::BFloat16* out_, int64_t rows, int64_t C,
@@ -79,19 +96,14 @@ CMFAST_GN_BF16 void affine_rows_bf16(const c10::BFloat16* x_, c10::BFloat16* out
   const auto* x = reinterpret_cast<const uint16_t*>(x_);
   auto* out = reinterpret_cast<uint16_t*>(out_);
   for (int64_t p = 0; p < rows; ++p) {
-    if (next != nullptr) {
-      const char* line = reinterpret_cast<const char*>(next + p * C);
-      for (int64_t b = 0; b < C * 2; b += 64) __builtin_prefetch(line + b);
-    }
+    prefetch_values(next, p * C, C);
     const uint16_t* xr = x + p * C;
     uint16_t* orow = out + p * C;
     int64_t c = 0;
     for (; c + 32 <= C; c += 32) {
-      const __m512 low = _mm512_fmadd_ps(_mm512_sub_ps(widen16(xr + c), _mm512_loadu_ps(mean + c)),
-                                         _mm512_loadu_ps(a + c), _mm512_loadu_ps(d + c));
-      const __m512 high = _mm512_fmadd_ps(_mm512_sub_ps(widen16(xr + c + 16), _mm512_loadu_ps(mean + c + 16)),
-                                          _mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(d + c + 16));
-      store32(orow + c, epilogue16<SILU>(low), epilogue16<SILU>(high));
+      affine32<SILU>(xr + c, orow + c, _mm512_loadu_ps(mean + c), _mm512_loadu_ps(mean + c + 16),
+                     _mm512_loadu_ps(a + c), _mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(d + c),
+                     _mm512_loadu_ps(d + c + 16));
     }
     for (; c < C; ++c) orow[c] = scalar_value<SILU>(xr[c], mean[c], a[c], d[c]);
   }
@@ -106,19 +118,12 @@ CMFAST_GN_BF16 void affine_channels_bf16(const c10::BFloat16* x_, c10::BFloat16*
   auto* out = reinterpret_cast<uint16_t*>(out_);
   const __m512 m = _mm512_set1_ps(mean);
   for (int64_t k = 0; k < channels; ++k) {
-    if (next != nullptr) {
-      const char* line = reinterpret_cast<const char*>(next + k * n);
-      for (int64_t b = 0; b < n * 2; b += 64) __builtin_prefetch(line + b);
-    }
+    prefetch_values(next, k * n, n);
     const uint16_t* xk = x + k * n;
     uint16_t* ok = out + k * n;
     const __m512 ak = _mm512_set1_ps(a[k]), dk = _mm512_set1_ps(d[k]);
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-      const __m512 low = _mm512_fmadd_ps(_mm512_sub_ps(widen16(xk + i), m), ak, dk);
-      const __m512 high = _mm512_fmadd_ps(_mm512_sub_ps(widen16(xk + i + 16), m), ak, dk);
-      store32(ok + i, epilogue16<SILU>(low), epilogue16<SILU>(high));
-    }
+    for (; i + 32 <= n; i += 32) affine32<SILU>(xk + i, ok + i, m, m, ak, ak, dk, dk);
     for (; i < n; ++i) ok[i] = scalar_value<SILU>(xk[i], mean, a[k], d[k]);
   }
 }
